@@ -1,0 +1,226 @@
+"""Typed, validated configuration of an unlearning run and of its evaluation.
+
+Torch-free on purpose: the API validates job parameters with these classes without importing torch.
+``from_dict`` refuses unknown fields, wrong types and out-of-range values with a ``ConfigError``
+whose ``field`` names the parameter (``params.gamma``), so every bad input gets a precise answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+from vdu_core.errors import ConfigError
+
+#: Method names; ``vdu_core.methods`` registers one class for each (a test keeps them in step).
+METHOD_NAMES = ("vdu", "vdu_paper", "gradient_ascent")
+POSTERIOR_KINDS = ("auto", "lineage", "self_snapshots", "fisher", "isotropic")
+
+
+def _spec(default, *, ge=None, le=None, gt=None, lt=None, doc: str = "", factory=None):
+    meta = {"ge": ge, "le": le, "gt": gt, "lt": lt, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Validated:
+    """Mixin: build from a dict with strict checks; serialise back to plain JSON types."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, prefix: str = "params"):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{prefix} must be an object", field=prefix)
+        data = dict(data)
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown parameter {unknown[0]!r}; known: {', '.join(sorted(known))}",
+                field=f"{prefix}.{unknown[0]}",
+            )
+        kwargs = {}
+        defaults = getattr(cls, "method_defaults", None)
+        if defaults is not None:
+            method = data.get("method", "vdu")
+            if method in defaults:
+                for name, value in defaults[method].items():
+                    data.setdefault(name, value)
+        for name, value in data.items():
+            kwargs[name] = _coerce(value, hints[name], known[name], f"{prefix}.{name}")
+        obj = cls(**kwargs)
+        obj.validate(prefix=prefix)
+        return obj
+
+    def validate(self, *, prefix: str = "params") -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _coerce(getattr(self, f.name), hints[f.name], f, f"{prefix}.{f.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, hint, f: dataclasses.Field, name: str):
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], f, name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {', '.join(map(repr, args))}; got {value!r}", field=name)
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false; got {value!r}", field=name)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+                value = int(value)
+            else:
+                raise ConfigError(f"{name} must be an integer; got {value!r}", field=name)
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number; got {value!r}", field=name)
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number; got {value!r}", field=name)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string; got {value!r}", field=name)
+        if len(value) > 1000 or any(ord(c) < 32 for c in value):
+            raise ConfigError(f"{name} must be a short printable string", field=name)
+        return value
+    elif origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} must be a list; got {value!r}", field=name)
+        return [_coerce(v, args[0], f, f"{name}[{i}]") for i, v in enumerate(value)]
+    m = f.metadata
+    if m.get("ge") is not None and value < m["ge"]:
+        raise ConfigError(f"{name} must be >= {m['ge']}; got {value}", field=name)
+    if m.get("le") is not None and value > m["le"]:
+        raise ConfigError(f"{name} must be <= {m['le']}; got {value}", field=name)
+    if m.get("gt") is not None and value <= m["gt"]:
+        raise ConfigError(f"{name} must be > {m['gt']}; got {value}", field=name)
+    if m.get("lt") is not None and value >= m["lt"]:
+        raise ConfigError(f"{name} must be < {m['lt']}; got {value}", field=name)
+    return value
+
+
+#: Hard ceilings an operator may lower (the service passes its own max_steps to ``check_limits``).
+MAX_STEPS = 20000
+
+
+@dataclass
+class UnlearnConfig(_Validated):
+    """Parameters of one unlearning run (``method`` + ``params`` of a job).
+
+    Normalisation (see ``vdu_core.objective``): the stability term is the *mean* over trainable
+    parameters of (θ−μ*)²/(2σ*²) and the plasticity term the mean squared error per element, so
+    γ weighs two O(1) quantities whatever the model's size.
+    """
+
+    method: Literal["vdu", "vdu_paper", "gradient_ascent"] = "vdu"
+    gamma: float = _spec(0.5, ge=0.0, le=1.0, doc="weight of the stability regularizer")
+    steps: int = _spec(400, ge=1, le=MAX_STEPS, doc="maximum optimisation steps")
+    lr: float = _spec(1e-4, gt=0.0, le=1.0, doc="Adam learning rate")
+    batch_size: int = _spec(16, ge=1, le=1024, doc="forget images per step")
+    timestep_weighting: Literal["uniform", "elbo"] = "uniform"
+    t_min: int = _spec(0, ge=0, doc="smallest timestep sampled for the plasticity term")
+    t_max: int | None = _spec(None, ge=1, doc="largest timestep (exclusive); default: the scheduler's")
+    posterior: Literal["auto", "lineage", "self_snapshots", "fisher", "isotropic"] = "auto"
+    posterior_sigma: float = _spec(1e-2, gt=0.0, doc="isotropic σ*, and the floor of estimated σ*")
+    posterior_samples: int = _spec(256, ge=8, le=100000, doc="self-generated samples for data-free posteriors")
+    posterior_steps: int = _spec(200, ge=1, le=100000, doc="continued-training steps for self_snapshots")
+    grad_clip: float | None = _spec(1.0, gt=0.0, doc="global gradient-norm clip; null for none")
+    plasticity_bound: float | None = _spec(
+        3.0, gt=1.0,
+        doc="per sample, push the forget loss to at most this multiple of the original model's (null: unbounded)",
+    )
+    anchor_weight: float = _spec(1.0, ge=0.0, le=1e6, doc="λ of the function-space term (0: off)")
+    anchor_samples: int = _spec(512, ge=0, le=100000, doc="own samples of the original model used as anchors")
+    anchor_exclude_fraction: float = _spec(
+        0.2, ge=0.0, lt=1.0, doc="share of anchors nearest the forget set left out"
+    )
+    probe_every: int = _spec(10, ge=1, doc="steps between measurements of the forget-set loss ratio")
+    target_loss_ratio: float | None = _spec(
+        None, gt=1.0, doc="stop once the forget-set loss reaches this multiple of its initial value"
+    )
+    seed: int = _spec(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+    #: Per-method defaults applied by ``from_dict`` to the fields a caller leaves out. The literal
+    #: paper objective and gradient ascent have neither the bound nor the function-space term.
+    method_defaults: typing.ClassVar[dict[str, dict[str, Any]]] = {
+        "vdu": {},
+        "vdu_paper": {"plasticity_bound": None, "anchor_weight": 0.0},
+        "gradient_ascent": {"gamma": 0.0, "plasticity_bound": None, "anchor_weight": 0.0},
+    }
+
+    def validate(self, *, prefix: str = "params") -> None:
+        super().validate(prefix=prefix)
+        if self.method != "vdu":
+            if self.anchor_weight != 0.0:
+                raise ConfigError(f"anchor_weight is a term of method 'vdu' only, not {self.method!r}",
+                                  field=f"{prefix}.anchor_weight")
+            if self.plasticity_bound is not None:
+                raise ConfigError(f"plasticity_bound is a term of method 'vdu' only, not {self.method!r}",
+                                  field=f"{prefix}.plasticity_bound")
+        if self.method == "gradient_ascent" and self.gamma != 0.0:
+            raise ConfigError("gradient ascent is VDU with gamma = 0", field=f"{prefix}.gamma")
+        if self.t_max is not None and self.t_max <= self.t_min:
+            raise ConfigError("t_max must be greater than t_min", field=f"{prefix}.t_max")
+
+
+@dataclass
+class EvalConfig(_Validated):
+    """What evidence a run produces. ``forget_class`` enables PUL/u-FID with a classifier."""
+
+    forget_class: int | None = _spec(None, ge=0, le=9999)
+    classifier: str = _spec("builtin:mnist", doc="'builtin:mnist' or a folder with a classifier")
+    num_samples: int = _spec(512, ge=8, le=50000, doc="paired samples before and after")
+    grid_samples: int = _spec(64, ge=1, le=256)
+    sample_steps: int = _spec(50, ge=2, le=1000, doc="DDIM steps for sampling")
+    seed: int = _spec(1234, ge=0, le=2**31 - 1)
+    enabled: bool = True
+
+
+@dataclass
+class Limits(_Validated):
+    """Limits on a forget-set archive and its images (the service sets these from its settings)."""
+
+    max_files: int = _spec(1000, ge=1)
+    max_total_bytes: int = _spec(200 * 1024 * 1024, ge=1)
+    max_file_bytes: int = _spec(20 * 1024 * 1024, ge=1)
+    max_pixels: int = _spec(4096 * 4096, ge=1)
+    max_compression_ratio: float = _spec(200.0, gt=1.0)
+    min_side: int = _spec(8, ge=1)
+
+
+@dataclass
+class Progress:
+    """What the loop reports each step. ``losses`` holds every term separately."""
+
+    step: int
+    total: int
+    losses: dict[str, float]
+    forget_loss_ratio: float
+    elapsed_s: float
+    eta_s: float
+    phase: str = "unlearn"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
