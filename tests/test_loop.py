@@ -1,0 +1,89 @@
+"""The unlearning loop: callbacks, stopping rules, cancellation, determinism, methods."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vdu_core import loop, posterior
+from vdu_core.config import UnlearnConfig
+from vdu_core.errors import Cancelled
+
+
+def _forget(n=6, size=8):
+    g = torch.Generator().manual_seed(3)
+    return torch.rand((n, 1, size, size), generator=g) * 2 - 1
+
+
+def _run(unet, sched, **kw):
+    cfg = UnlearnConfig.from_dict({"steps": 6, "batch_size": 4, "posterior": "isotropic", "probe_every": 2,
+                                   "method": "vdu_paper", **kw})
+    post = posterior.estimate(unet, sched, cfg) if cfg.method != "gradient_ascent" else None
+    events = []
+    report = loop.unlearn(unet, sched, _forget(), cfg, post, on_progress=events.append)
+    return report, events
+
+
+def test_progress_reports_every_term_each_step(tiny_unet, tiny_scheduler):
+    report, events = _run(tiny_unet, tiny_scheduler)
+    assert [e.step for e in events] == list(range(1, 7))
+    assert all({"stability", "plasticity", "objective"} <= set(e.losses) for e in events)
+    assert events[-1].eta_s == 0 and events[0].total == 6
+    assert report.steps_run == 6 and report.stopped_by == "max_steps"
+
+
+def test_gradient_ascent_raises_the_forget_loss(tiny_unet, tiny_scheduler):
+    report, events = _run(tiny_unet, tiny_scheduler, method="gradient_ascent", lr=1e-2, steps=10)
+    assert "stability" not in events[0].losses
+    assert report.forget_loss_ratio > 1.0
+
+
+def test_target_ratio_stops_early(tiny_unet, tiny_scheduler):
+    report, _ = _run(tiny_unet, tiny_scheduler, method="gradient_ascent", lr=5e-2, steps=200, probe_every=1,
+                     target_loss_ratio=1.05)
+    assert report.stopped_by == "target_loss_ratio" and report.steps_run < 200
+
+
+def test_cancel_is_checked_every_step(tiny_unet, tiny_scheduler):
+    cfg = UnlearnConfig.from_dict({"steps": 50, "batch_size": 2, "method": "gradient_ascent"})
+    calls = []
+
+    def should_cancel():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        loop.unlearn(tiny_unet, tiny_scheduler, _forget(), cfg, None, should_cancel=should_cancel)
+    assert len(calls) == 4
+
+
+def test_same_seed_same_weights(tiny_scheduler):
+    from tests.conftest import make_tiny_unet
+
+    a, b = make_tiny_unet(), make_tiny_unet()
+    _run(a, tiny_scheduler)
+    _run(b, tiny_scheduler)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_gamma_one_keeps_weights_near_the_posterior_mean(tiny_scheduler):
+    from tests.conftest import make_tiny_unet
+
+    free, held = make_tiny_unet(), make_tiny_unet()
+    _run(free, tiny_scheduler, gamma=0.0, lr=1e-2)
+    _run(held, tiny_scheduler, gamma=1.0, lr=1e-2, posterior_sigma=1e-4)
+    ref = make_tiny_unet()
+    drift = lambda m: sum(float((p - r).pow(2).sum()) for p, r in zip(m.parameters(), ref.parameters()))  # noqa: E731
+    assert drift(held) < drift(free)
+
+
+def test_default_vdu_uses_bound_and_anchors(tiny_unet, tiny_scheduler):
+    cfg = UnlearnConfig.from_dict({"steps": 3, "batch_size": 2, "posterior": "isotropic", "probe_every": 1})
+    post = posterior.estimate(tiny_unet, tiny_scheduler, cfg)
+    anchors = torch.rand(5, 1, 8, 8) * 2 - 1
+    events = []
+    loop.unlearn(tiny_unet, tiny_scheduler, _forget(), cfg, post, anchors=anchors, on_progress=events.append)
+    assert {"plasticity_bounded", "function_space", "stability"} <= set(events[-1].losses)
+    with pytest.raises(ValueError):
+        loop.unlearn(tiny_unet, tiny_scheduler, _forget(), cfg, post, anchors=None)
