@@ -115,3 +115,47 @@ def settings(pg_url, redis_prefix, tmp_path) -> Settings:
         max_model_upload_bytes=8 * 1024 * 1024,
         log_json=False,
     )
+
+
+class Api:
+    """An in-process app (TestClient) on the session's Postgres/Redis and a local storage folder."""
+
+    def __init__(self, client, settings: Settings, storage):
+        self.client = client
+        self.settings = settings
+        self.storage = storage
+
+    def new_team(self, name: str | None = None) -> tuple[str, dict[str, str]]:
+        """A fresh team and the headers of one of its keys."""
+        from api.keys import create_key
+        from jobs.db import session_scope
+        from tests.service.helpers import make_team
+
+        with session_scope(self.settings) as s:
+            team = make_team(s, name)
+            key = create_key(s, team).key
+            return team.id, {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def api(pg_url, redis_prefix, tmp_path_factory) -> Iterator[Api]:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from jobs.storage import get_storage
+
+    root = tmp_path_factory.mktemp("api")
+    settings = Settings(
+        database_url=pg_url,
+        broker_url=REDIS_URL,
+        broker_key_prefix=redis_prefix,
+        storage_url=str(root / "storage"),
+        max_steps=1000,
+        max_forget_set_upload_bytes=2 * 1024 * 1024,
+        max_model_upload_bytes=4 * 1024 * 1024,
+        max_json_bytes=64 * 1024,
+        log_json=False,
+    )
+    app = create_app(settings, configure_logs=False)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield Api(client, settings, get_storage(settings))

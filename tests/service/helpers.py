@@ -50,3 +50,74 @@ def count_rows(session: Session, table, team_id: str) -> int:
 
 def job_count(session: Session, team_id: str) -> int:
     return count_rows(session, Job, team_id)
+
+
+# --- files -------------------------------------------------------------------------------------
+def png_bytes(seed: int = 0, size: int = 28) -> bytes:
+    """A small grey PNG with a blob in it (a stand-in digit; the API only validates images)."""
+    import io
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    im = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(im)
+    x, y = rng.randint(4, 12), rng.randint(4, 12)
+    draw.ellipse([x, y, x + 12, y + 12], outline=255, width=3)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def safetensors_bytes(n: int = 4) -> bytes:
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({"weight": np.arange(n, dtype=np.float32), "bias": np.zeros(2, dtype=np.float32)})
+
+
+def diffusers_archive(kind: str = "tar") -> bytes:
+    """A minimal DDPM pipeline folder layout (valid to the upload checks, not loadable weights)."""
+    import json
+
+    members = {
+        "pipe/model_index.json": json.dumps(
+            {
+                "_class_name": "DDPMPipeline",
+                "unet": ["diffusers", "UNet2DModel"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+            }
+        ).encode(),
+        "pipe/unet/config.json": b'{"_class_name": "UNet2DModel"}',
+        "pipe/unet/diffusion_pytorch_model.safetensors": safetensors_bytes(),
+        "pipe/scheduler/scheduler_config.json": b'{"_class_name": "DDPMScheduler"}',
+    }
+    return tar_bytes(members) if kind == "tar" else zip_bytes(members)
+
+
+PICKLE_PAYLOAD = b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94."
