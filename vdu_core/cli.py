@@ -114,11 +114,9 @@ def cmd_evaluate(args) -> int:
     evaluation = EvalConfig.from_dict(_eval_params(args), prefix="evaluation")
     forget_images = None
     if args.forget:
-        from diffusers import DDPMPipeline
+        from vdu_core import forget_set, models
 
-        from vdu_core import forget_set
-
-        unet_cfg = DDPMPipeline.from_pretrained(args.original, use_safetensors=True).unet.config
+        unet_cfg = models.load_pipeline(args.original).unet.config
         side = unet_cfg.sample_size if isinstance(unet_cfg.sample_size, int) else unet_cfg.sample_size[0]
         forget_images = forget_set.to_tensor(forget_set.decode_forget_set(args.forget),
                                              channels=unet_cfg.in_channels, resolution=side)

@@ -79,7 +79,7 @@ class VDUPaper(UnlearningMethod):
         gamma = self.config.gamma
         per, plast = _plasticity(ctx, batch)
         loss = -(1.0 - gamma) * plast
-        return Terms(loss, gamma, {"plasticity": float(plast)})
+        return Terms(loss, gamma, {"plasticity": float(plast.detach())})
 
 
 @register
@@ -91,7 +91,7 @@ class GradientAscent(UnlearningMethod):
 
     def compute(self, ctx, batch: ForgetBatch) -> Terms:
         per, plast = _plasticity(ctx, batch)
-        return Terms(-plast, 0.0, {"plasticity": float(plast)})
+        return Terms(-plast, 0.0, {"plasticity": float(plast.detach())})
 
 
 @register
@@ -119,7 +119,7 @@ class VDU(UnlearningMethod):
         cfg = self.config
         gamma = cfg.gamma
         per, plast = _plasticity(ctx, batch)
-        report = {"plasticity": float(plast)}
+        report = {"plasticity": float(plast.detach())}
         if cfg.plasticity_bound is not None:
             with torch.no_grad():
                 ref = per_sample_mse(ctx.original(batch.x_t, batch.t).sample, batch.noise)

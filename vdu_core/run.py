@@ -118,7 +118,7 @@ def run_unlearning(
         result = _evaluate_and_write(tmp, original, unet, scheduler, forget_images, config, evaluation,
                                      post, anchor_info, report, decoded, model, forget, lineage, t0,
                                      phase_progress("evaluate"))
-        collapsed = result["metrics"].get("collapse", {}).get("collapsed", False)
+        collapsed = bool(result["metrics"].get("collapse", {}).get("value", False))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.replace(out_dir)
@@ -130,9 +130,9 @@ def run_unlearning(
     }
     res = RunResult(out_dir=out_dir, metrics=result["metrics"], record=result["record"], artifacts=artifacts)
     if collapsed:
-        raise ModelCollapsed(
-            "unlearning collapsed the model: " + result["metrics"]["collapse"].get("reason", "see metrics.json")
-            + f" (evidence in {out_dir})")
+        reasons = ", ".join(result["metrics"]["collapse"].get("reasons", [])) or "see metrics.json"
+        raise ModelCollapsed(f"unlearning collapsed the model ({reasons}); the evidence is in {out_dir}, "
+                             "the weights were not saved")
     return res
 
 
@@ -153,9 +153,18 @@ def _evaluate_and_write(tmp, original, unet, scheduler, forget_images, config, e
 
         before = DDPMPipeline(unet=original, scheduler=scheduler)
         after = DDPMPipeline(unet=unet, scheduler=scheduler)
+        t_eval = time.time()
+
+        def eval_progress(phase: str, done: int, total: int) -> None:
+            if on_progress is not None:
+                elapsed = time.time() - t_eval
+                on_progress(Progress(step=done, total=max(total, 1), losses={}, forget_loss_ratio=report.forget_loss_ratio,
+                                     elapsed_s=elapsed, eta_s=0.0, extra={"evaluation_phase": phase}))
+
         ev = metrics_mod.evaluate(before, after, forget_images, evaluation, out_dir=tmp,
-                                  on_progress=on_progress)
-        metrics = ev.get("metrics", ev)
+                                  on_progress=eval_progress)
+        metrics = dict(ev["metrics"])
+        metrics["evaluation_record"] = {k: v for k, v in ev.items() if k != "metrics"}
     metrics["unlearning"] = {
         "steps_run": report.steps_run,
         "stopped_by": report.stopped_by,
@@ -165,7 +174,7 @@ def _evaluate_and_write(tmp, original, unet, scheduler, forget_images, config, e
         "train_seconds": round(report.seconds, 2),
         "device": report.device,
     }
-    collapsed = metrics.get("collapse", {}).get("collapsed", False)
+    collapsed = bool(metrics.get("collapse", {}).get("value", False))
     if not collapsed:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
     record = {

@@ -1,0 +1,174 @@
+"""The quality study: does unlearning forget the class *and* keep everything else?
+
+    python bench/bench_quality.py --model mnist-ddpm --digits 0 4 7 --methods vdu vdu_paper gradient_ascent
+    python bench/bench_quality.py --model mnist-ddpm-tiny --digits 0 --set vdu:anchor_weight=2 --samples 256
+
+For each forgotten digit: a forget set of ``--forget-count`` real digits of that class, then each
+method unlearns a fresh copy of the model (the same building blocks as ``vdu-core unlearn``:
+posterior, anchors, loop) and is evaluated on ``--samples`` paired samples (same seeds before and
+after; DDIM ``--sample-steps``) with the built-in classifier: PUL, u-FID of both models,
+retained-kept share, largest single-class share, forget-set loss ratio, wall time of the
+unlearning (posterior + anchors + loop). The original model's samples are drawn once per model.
+Prints one table and appends it, with the exact settings, to ``--log`` (markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from vdu_core import anchors as anchors_mod  # noqa: E402
+from vdu_core import loop, metrics, posterior  # noqa: E402
+from vdu_core.config import UnlearnConfig  # noqa: E402
+from vdu_core.methods import get_method  # noqa: E402
+from vdu_core.reference import REFERENCE_DIR, load_mnist_5k  # noqa: E402
+from vdu_core.sampling import sample_images  # noqa: E402
+
+FLOORS = {"pul": 90.0, "u_fid_ratio": 1.25, "retained_kept": 0.90}
+
+
+def parse_sets(items: list[str]) -> dict[str, dict]:
+    """``method:key=value`` -> {method: {key: value}}; ``key=value`` applies to every method."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        scope, _, kv = item.rpartition(":") if ":" in item.split("=")[0] else ("*", "", item)
+        key, _, value = kv.partition("=")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(scope or "*", {})[key] = parsed
+    return out
+
+
+def lineage_paths(model_dir: Path) -> list[Path]:
+    return sorted((model_dir / "lineage").glob("step-*")) if (model_dir / "lineage").exists() else []
+
+
+def run_one(pipe, forget, cfg: UnlearnConfig, lineage_states, cache_dir: Path):
+    unet = copy.deepcopy(pipe.unet)
+    sched = pipe.scheduler
+    t0 = time.time()
+    post = None
+    if get_method(cfg.method).uses_posterior and cfg.gamma > 0:
+        post = posterior.estimate(unet, sched, cfg, lineage_states=lineage_states, cache_dir=cache_dir)
+    anchors = None
+    if cfg.method == "vdu" and cfg.anchor_weight > 0:
+        anchors, _ = anchors_mod.build_anchors(unet, sched, forget, cfg.anchor_samples,
+                                               cfg.anchor_exclude_fraction, cfg.seed)
+    report = loop.unlearn(unet, sched, forget, cfg, post, anchors=anchors)
+    return unet.eval(), report, time.time() - t0
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="mnist-ddpm")
+    ap.add_argument("--digits", type=int, nargs="+", default=[0, 4, 7])
+    ap.add_argument("--methods", nargs="+", default=["vdu", "vdu_paper", "gradient_ascent"])
+    ap.add_argument("--set", action="append", default=[], help="method:key=value overrides")
+    ap.add_argument("--forget-count", type=int, default=100)
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--sample-steps", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--lineage", action="store_true", help="use the model's lineage checkpoints (posterior)")
+    ap.add_argument("--log", default="bench/results/quality.md")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+
+    from diffusers import DDPMPipeline
+
+    model_dir = Path(args.model) if Path(args.model).exists() else REFERENCE_DIR / args.model
+    pipe = DDPMPipeline.from_pretrained(model_dir, use_safetensors=True)
+    lineage_states = []
+    if args.lineage:
+        from vdu_core.models import load_unet_state
+
+        lineage_states = [load_unet_state(p, pipe.unet) for p in lineage_paths(model_dir)]
+    classifier = metrics.load_classifier("builtin:mnist")
+    images, labels = load_mnist_5k()
+    cache_dir = Path(os.environ.get("VDU_CACHE_DIR", Path.home() / ".cache" / "vdu")) / "posteriors"
+    overrides = parse_sets(args.set)
+
+    t0 = time.time()
+    before = sample_images(pipe.unet, pipe.scheduler, args.samples, seed=args.seed, steps=args.sample_steps)
+    preds_b, _ = metrics.classify(classifier, before)
+    t_before = time.time() - t0
+    hist_b = metrics.class_histogram(preds_b, 10)
+    print(f"{model_dir.name}: original class histogram over {args.samples} samples: {hist_b} "
+          f"({t_before:.0f}s)", flush=True)
+
+    rows = []
+    for k in args.digits:
+        real_stats = metrics.feature_stats(metrics.extract_features(classifier, images[labels != k]))
+        fid_b = metrics.u_fid(before, real_stats, classifier)["value"]
+        forget = images[labels == k][: args.forget_count]
+        for method in args.methods:
+            params = {"method": method, **overrides.get("*", {}), **overrides.get(method, {})}
+            cfg = UnlearnConfig.from_dict(params)
+            unet, report, secs = run_one(pipe, forget, cfg, lineage_states, cache_dir)
+            after = sample_images(unet, pipe.scheduler, args.samples, seed=args.seed, steps=args.sample_steps)
+            preds_a, _ = metrics.classify(classifier, after)
+            p = metrics.pul(preds_b, preds_a, k)["value"]
+            rk = metrics.retained_kept(preds_b, preds_a, k)["value"]
+            share = metrics.largest_class_share(preds_a, num_classes=10)
+            fid_a = metrics.u_fid(after, real_stats, classifier)["value"]
+            col = metrics.collapse_check(preds_b, preds_a, k, u_fid_ratio=fid_a / fid_b)
+            ok = (p is not None and p >= FLOORS["pul"] and fid_a / fid_b <= FLOORS["u_fid_ratio"]
+                  and rk >= FLOORS["retained_kept"] and not col["value"])
+            row = {"digit": k, "method": method, "pul": p, "u_fid_orig": fid_b, "u_fid_unl": fid_a,
+                   "retained_kept": rk, "largest_share": share["value"], "largest_class": share["class"],
+                   "forget_ratio": report.forget_loss_ratio, "steps": report.steps_run, "secs": secs,
+                   "collapsed": col["value"], "meets_floors": ok,
+                   "params": {k2: v for k2, v in params.items() if k2 != "method"}}
+            rows.append(row)
+            print(fmt_row(row), flush=True)
+
+    table = render(rows, args, model_dir, hist_b)
+    print("\n" + table)
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:
+        fh.write(table + "\n")
+
+
+HEADER = (f"| {'digit':>5} | {'method':<16} | {'PUL %':>6} | {'u-FID orig':>10} | {'u-FID unl':>9} | "
+          f"{'ratio':>5} | {'ret.kept':>8} | {'top share':>9} | {'forget loss x':>13} | {'steps':>5} | "
+          f"{'time s':>6} | floors |")
+
+
+def fmt_row(r: dict) -> str:
+    pul = f"{r['pul']:.1f}" if r["pul"] is not None else "n/a"
+    verdict = "COLLAPSE" if r["collapsed"] else ("yes" if r["meets_floors"] else "no")
+    return (f"| {r['digit']:>5} | {r['method']:<16} | {pul:>6} | {r['u_fid_orig']:>10.2f} | "
+            f"{r['u_fid_unl']:>9.2f} | {r['u_fid_unl'] / r['u_fid_orig']:>5.2f} | {r['retained_kept']:>8.3f} | "
+            f"{r['largest_share']:>6.3f} ({r['largest_class']}) | {r['forget_ratio']:>13.2f} | {r['steps']:>5} | "
+            f"{r['secs']:>6.0f} | {verdict} |")
+
+
+def render(rows, args, model_dir, hist_b) -> str:
+    lines = [
+        f"### {model_dir.name} {args.tag} ({time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        f"forget set: {args.forget_count} real digits of the class; {args.samples} paired samples, "
+        f"DDIM-{args.sample_steps}, seed {args.seed}; original histogram {hist_b}; "
+        f"overrides {parse_sets(args.set) or 'none'}; lineage posterior: {args.lineage}",
+        "",
+        HEADER,
+        "|" + "|".join("---" for _ in range(12)) + "|",
+        *[fmt_row(r) for r in rows],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
