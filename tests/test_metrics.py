@@ -312,3 +312,15 @@ def test_evaluate_end_to_end_with_builtin_classifier(tmp_path):
             assert img.size == (6 * 18 + 2, 18 + 2)
     table = format_table(res)
     assert "PUL" in table and "u-FID, original" in table and "collapse" in table
+    assert "8 paired samples, seed 7" in table
+
+
+def test_format_table_accepts_a_run_record():
+    # vdu_core.run stores the metrics with extra, non-metric records beside them.
+    metrics = {"pul": pul(BEFORE, BEFORE, 0, seed=1), "collapse": collapse_check(BEFORE, BEFORE, 0),
+               "unlearning": {"steps_run": 3, "implementation": "loop record"},
+               "evaluation_record": {"evaluation": {"num_samples": 100, "seed": 1, "forget_class": 0}}}
+    table = format_table({"metrics": metrics})
+    names = [line.split("  ")[0] for line in table.splitlines()]
+    assert "0.0 (10 -> 10)" in table and "unlearning" not in names and "evaluation_record" not in table
+    assert "100 paired samples, seed 1" in table

@@ -807,15 +807,20 @@ def format_table(result: dict) -> str:
         rows.append((label, _fmt_value(key, rec), str(how)))
     for key in sorted(set(metrics) - {k for k, _ in _TABLE_ROWS}):
         rec = metrics[key]
-        rows.append((key, _fmt_value(key, rec), str(rec.get("implementation", ""))))
+        if isinstance(rec, dict) and "value" in rec:  # records without a value (run records) are not metrics
+            rows.append((key, _fmt_value(key, rec), str(rec.get("implementation", ""))))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
     lines.insert(1, f"{'-' * w0}  {'-' * w1}  {'-' * 12}")
-    ev = result.get("evaluation", {})
-    sampling = result.get("sampling", {})
-    footer = (f"{ev.get('num_samples')} paired samples, seed {ev.get('seed')}, "
-              f"{sampling.get('sampler', 'DDIM')}; forget class {ev.get('forget_class')}")
-    if result.get("skipped"):
-        footer = f"evaluation skipped: {result['skipped']}"
-    return "\n".join([*lines, "", footer])
+    # ``run`` stores evaluate()'s other keys under metrics["evaluation_record"]; accept both shapes.
+    record = metrics.get("evaluation_record") if isinstance(metrics.get("evaluation_record"), dict) else {}
+    ev = result.get("evaluation") or record.get("evaluation") or {}
+    sampling = result.get("sampling") or record.get("sampling") or {}
+    skipped = result.get("skipped") or record.get("skipped")
+    if skipped:
+        lines += ["", f"evaluation skipped: {skipped}"]
+    elif ev:
+        lines += ["", f"{ev.get('num_samples')} paired samples, seed {ev.get('seed')}, "
+                      f"{sampling.get('sampler', 'DDIM')}; forget class {ev.get('forget_class')}"]
+    return "\n".join(lines)
