@@ -53,7 +53,14 @@ def _create_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, pool_recycle=1800)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=10,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {},
+    )
 
 
 def session_factory(url: str | None = None) -> sessionmaker[Session]:
@@ -86,11 +93,12 @@ def ping(url: str | None = None) -> None:
         conn.execute(text("SELECT 1"))
 
 
-def dispose_all() -> None:
-    """Drop pooled connections (after fork, and in tests between databases)."""
+def dispose_all(*, close: bool = True) -> None:
+    """Drop pooled connections: in tests between databases, and in a forked child with
+    ``close=False`` (the parent's connections must be forgotten, not closed under it)."""
     with _lock:
         for engine in _engines.values():
-            engine.dispose()
+            engine.dispose(close=close)
         _engines.clear()
         _factories.clear()
 

@@ -45,9 +45,7 @@ def _event(
     now: datetime | None = None,
 ) -> None:
     session.execute(
-        insert(JobEvent).values(
-            job_id=job_id, seq=seq, type=type_, data=data or {}, created_at=now or utcnow()
-        )
+        insert(JobEvent).values(job_id=job_id, seq=seq, type=type_, data=data or {}, created_at=now or utcnow())
     )
 
 
@@ -361,9 +359,7 @@ def queued_needing_publish(session: Session, *, older_than: datetime, limit: int
     )
 
 
-def mark_published(
-    session: Session, job_ids: Iterable[str], *, older_than: datetime | None = None
-) -> list[str]:
+def mark_published(session: Session, job_ids: Iterable[str], *, older_than: datetime | None = None) -> list[str]:
     """Record a (re-)publish. With ``older_than`` it is conditional, so that of two reconcilers
     racing for the same job only one re-sends it. Returns the ids this caller may publish."""
     ids: Sequence[str] = list(job_ids)
@@ -386,9 +382,6 @@ def mark_published(
 def events_after(session: Session, job_id: str, after: int = 0, limit: int = 100) -> list[JobEvent]:
     return list(
         session.scalars(
-            select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.seq > after)
-            .order_by(JobEvent.seq)
-            .limit(limit)
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after).order_by(JobEvent.seq).limit(limit)
         )
     )

@@ -37,9 +37,7 @@ def upgrade_head(settings: Settings | None = None, url: str | None = None) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Create or upgrade the service's tables (alembic upgrade head)"
-    )
+    parser = argparse.ArgumentParser(description="Create or upgrade the service's tables (alembic upgrade head)")
     parser.add_argument("--url", help="database URL (default: VDU_DATABASE_URL)")
     args = parser.parse_args(argv)
     upgrade_head(url=args.url)

@@ -127,11 +127,7 @@ def check_safetensors(fh: IO[bytes], size: int, name: str, field: str = "file") 
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
             itemsize = SAFETENSORS_DTYPES[dtype]
-            ok = (
-                all(isinstance(d, int) and d >= 0 for d in shape)
-                and isinstance(start, int)
-                and isinstance(end, int)
-            )
+            ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(start, int) and isinstance(end, int)
         except (KeyError, TypeError, ValueError) as exc:
             raise _refuse(f"{name}: tensor {key!r} has a malformed entry", "bad_safetensors", field) from exc
         count = math.prod(shape)
@@ -253,9 +249,7 @@ class _Archive:
             seen.add(name)
             total += size
             if total > self.limits.max_unpacked_bytes:
-                raise _refuse(
-                    f"the archive unpacks to more than {self.limits.max_unpacked_bytes} bytes", "total_bytes"
-                )
+                raise _refuse(f"the archive unpacks to more than {self.limits.max_unpacked_bytes} bytes", "total_bytes")
             out.append((_Member(name, size, is_dir), info))
         return out
 
@@ -331,9 +325,7 @@ def _find_root(files: list[str]) -> tuple[str, str]:
     )
 
 
-def inspect_model_file(
-    path: Path | str, limits: ModelLimits | None = None, *, field: str = "file"
-) -> dict[str, Any]:
+def inspect_model_file(path: Path | str, limits: ModelLimits | None = None, *, field: str = "file") -> dict[str, Any]:
     """Validate an uploaded model file without unpacking it; return a summary for the API."""
     path = Path(path)
     limits = limits or ModelLimits()
@@ -349,9 +341,7 @@ def inspect_model_file(
                 info = check_safetensors(fh, size, path.name)
             return {"format": "safetensors", **info}
         if kind == "unknown":
-            raise _refuse(
-                "not a safetensors file or a zip/tar archive of a diffusers folder", "unknown_format"
-            )
+            raise _refuse("not a safetensors file or a zip/tar archive of a diffusers folder", "unknown_format")
         arch = _Archive(path, limits)
         try:
             members = arch.members()

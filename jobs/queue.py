@@ -97,9 +97,7 @@ class CeleryDispatcher:
         if self._redis is None:
             import redis
 
-            self._redis = redis.Redis.from_url(
-                self.settings.broker_url, socket_timeout=5, socket_connect_timeout=5
-            )
+            self._redis = redis.Redis.from_url(self.settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
         return self._redis
 
     def pending_job_ids(self) -> set[str] | None:
@@ -160,9 +158,7 @@ class NoWorkerDispatcher:
     """``broker_url=embedded://`` in a process that runs no embedded worker: jobs wait, readyz fails."""
 
     def publish(self, job_id: str) -> None:
-        log.warning(
-            "no worker in this process; job %s waits for the reconciler", job_id, extra={"job_id": job_id}
-        )
+        log.warning("no worker in this process; job %s waits for the reconciler", job_id, extra={"job_id": job_id})
 
     def pending_job_ids(self) -> set[str] | None:
         return None

@@ -38,17 +38,13 @@ class Settings(BaseSettings):
     # Where things live
     database_url: str = "sqlite:///./var/vdu.db"
     broker_url: str = EMBEDDED_BROKER
-    broker_key_prefix: str = Field(
-        "", description="kombu global_keyprefix: share one Redis between deployments"
-    )
+    broker_key_prefix: str = Field("", description="kombu global_keyprefix: share one Redis between deployments")
     storage_url: str = Field("./var/storage", description="a local path, file:///path or s3://bucket/prefix")
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
-    upload_tmp_dir: Path | None = Field(
-        None, description="default: beside local storage, else the system temp"
-    )
+    upload_tmp_dir: Path | None = Field(None, description="default: beside local storage, else the system temp")
     worker_tmp_dir: Path | None = None
     model_cache_dir: Path | None = None
 
@@ -79,9 +75,7 @@ class Settings(BaseSettings):
     job_hard_time_limit_s: int = Field(6 * 3600 + 300, ge=1)
     queue_name: str = "training"
     maintenance_interval_s: float = Field(15.0, gt=0, description="reaper + reconciler period")
-    reconcile_grace_s: float = Field(
-        60.0, ge=0, description="a queued job unseen by the broker this long is re-sent"
-    )
+    reconcile_grace_s: float = Field(60.0, ge=0, description="a queued job unseen by the broker this long is re-sent")
     db_retry_max_s: float = Field(120.0, ge=0, description="how long a worker retries a lost database")
 
     # Security

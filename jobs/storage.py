@@ -246,9 +246,7 @@ class LocalStorage(Storage):
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
-            raise StorageError(
-                f"local storage at {self.root} is not writable: {exc.strerror or exc}"
-            ) from exc
+            raise StorageError(f"local storage at {self.root} is not writable: {exc.strerror or exc}") from exc
 
 
 class S3Storage(Storage):
@@ -379,9 +377,7 @@ class S3Storage(Storage):
             keys = self._list_raw(raw)
         except Exception as exc:
             raise self._wrap(exc, "list", prefix) from exc
-        return sorted(
-            k[len(self.prefix) :] for k in keys if not k[len(self.prefix) :].startswith(TMP_PREFIX + "/")
-        )
+        return sorted(k[len(self.prefix) :] for k in keys if not k[len(self.prefix) :].startswith(TMP_PREFIX + "/"))
 
     def publish_dir(self, local_dir: Path, prefix: str) -> dict[str, str]:
         prefix = check_key(prefix.rstrip("/"))
@@ -395,9 +391,7 @@ class S3Storage(Storage):
             old = set(self._list_raw(self._k(prefix) + "/"))
             for rel in rels:
                 dest = self._k(f"{prefix}/{rel}")
-                self.client.copy(
-                    {"Bucket": self.bucket, "Key": self._k(f"{staging}/{rel}")}, self.bucket, dest
-                )
+                self.client.copy({"Bucket": self.bucket, "Key": self._k(f"{staging}/{rel}")}, self.bucket, dest)
                 old.discard(dest)
             if old:  # files a previous attempt wrote that this one did not
                 self._delete_raw(sorted(old))

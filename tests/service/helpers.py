@@ -19,9 +19,7 @@ def make_team(session: Session, name: str | None = None) -> Team:
 
 
 def make_model_row(session: Session, team_id: str) -> Model:
-    model = Model(
-        id=new_id("model"), team_id=team_id, name="m", source="hub", hub_id="org/model", revision="main"
-    )
+    model = Model(id=new_id("model"), team_id=team_id, name="m", source="hub", hub_id="org/model", revision="main")
     session.add(model)
     session.flush()
     return model

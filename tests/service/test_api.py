@@ -147,9 +147,7 @@ def test_model_upload_of_a_diffusers_archive_and_a_safetensors_file(api, team):
     model = resp.json()
     assert model["source"] == "upload" and model["format"] == "diffusers_pipeline"
     assert model["lineage"][0]["filename"] == "step-900.safetensors"
-    resp = api.client.post(
-        "/v1/models", headers=headers, files={"file": ("unet.safetensors", safetensors_bytes())}
-    )
+    resp = api.client.post("/v1/models", headers=headers, files={"file": ("unet.safetensors", safetensors_bytes())})
     assert resp.status_code == 201 and resp.json()["format"] == "safetensors"
     assert len(api.client.get("/v1/models", headers=headers).json()["data"]) == 2
     assert len(snapshot(api, team_id)["files"]) == 3
@@ -198,16 +196,11 @@ def test_idempotency_key_returns_the_same_job_and_refuses_a_different_body(api, 
 
 def test_list_jobs_paginates_and_filters(api, ready):
     _, headers, model_id, fs_id = ready
-    ids = [
-        api.client.post("/v1/jobs", headers=headers, json=job_body(model_id, fs_id)).json()["id"]
-        for _ in range(5)
-    ]
+    ids = [api.client.post("/v1/jobs", headers=headers, json=job_body(model_id, fs_id)).json()["id"] for _ in range(5)]
     api.client.post(f"/v1/jobs/{ids[0]}/cancel", headers=headers)
     seen, after = [], None
     while True:
-        page = api.client.get(
-            "/v1/jobs", headers=headers, params={"limit": 2, **({"after": after} if after else {})}
-        )
+        page = api.client.get("/v1/jobs", headers=headers, params={"limit": 2, **({"after": after} if after else {})})
         body = page.json()
         seen += [j["id"] for j in body["data"]]
         if not body["has_more"]:
@@ -229,10 +222,7 @@ def test_cancel_and_events(api, ready):
     events = api.client.get(f"/v1/jobs/{job_id}/events", headers=headers).json()
     assert [(e["seq"], e["type"]) for e in events["data"]] == [(1, "queued"), (2, "cancelled")]
     assert (
-        api.client.get(f"/v1/jobs/{job_id}/events", headers=headers, params={"after": 1}).json()["data"][0][
-            "seq"
-        ]
-        == 2
+        api.client.get(f"/v1/jobs/{job_id}/events", headers=headers, params={"after": 1}).json()["data"][0]["seq"] == 2
     )
     assert_problem(api.client.get(f"/v1/jobs/{job_id}/artifacts", headers=headers), 409, "status")
 
@@ -268,9 +258,7 @@ def _succeeded_job_with_artifacts(api, team_id, model_id, fs_id, tmp_path) -> tu
         for rel, key in keys.items()
     }
     with session_scope(api.settings) as s:
-        ledger.succeed(
-            s, job_id, "w", metrics={"pul": 0.1}, artifacts={"files": files, "checkpoint": "checkpoint.tar"}
-        )
+        ledger.succeed(s, job_id, "w", metrics={"pul": 0.1}, artifacts={"files": files, "checkpoint": "checkpoint.tar"})
     return job_id, payload
 
 
@@ -280,9 +268,7 @@ def test_artifact_downloads_stream_with_etag_and_ranges(api, ready, tmp_path):
     sha = hashlib.sha256(payload).hexdigest()
     job = api.client.get(f"/v1/jobs/{job_id}", headers=headers).json()
     assert job["checkpoint"]["sha256"] == sha and job["checkpoint"]["bytes"] == len(payload)
-    names = [
-        a["name"] for a in api.client.get(f"/v1/jobs/{job_id}/artifacts", headers=headers).json()["data"]
-    ]
+    names = [a["name"] for a in api.client.get(f"/v1/jobs/{job_id}/artifacts", headers=headers).json()["data"]]
     assert names == ["checkpoint.tar", "metrics.json", "samples/before.png"]
 
     url = f"/v1/jobs/{job_id}/artifacts/checkpoint"
@@ -299,16 +285,10 @@ def test_artifact_downloads_stream_with_etag_and_ranges(api, ready, tmp_path):
     assert stale.status_code == 200 and stale.content == payload
     assert api.client.get(url, headers={**headers, "If-None-Match": f'"{sha}"'}).status_code == 304
     head = api.client.head(url, headers=headers)
-    assert (
-        head.status_code == 200
-        and head.headers["content-length"] == str(len(payload))
-        and head.content == b""
-    )
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(payload)) and head.content == b""
     assert_problem(api.client.get(url, headers={**headers, "Range": f"bytes={len(payload)}-"}), 416, "Range")
     png = api.client.get(f"/v1/jobs/{job_id}/artifacts/samples/before.png", headers=headers)
-    assert (
-        png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content == png_bytes(1)
-    )
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content == png_bytes(1)
     assert_problem(api.client.get(f"/v1/jobs/{job_id}/artifacts/unet/x.bin", headers=headers), 404, "name")
     _, stranger = api.new_team()
     assert_problem(api.client.get(url, headers=stranger), 404)
@@ -338,10 +318,7 @@ def test_readyz_names_the_broken_dependency(api):
 
 def test_openapi_documents_every_error_as_problem_json(api):
     schema = api.client.get("/openapi.json").json()
-    assert (
-        "Problem" in schema["components"]["schemas"]
-        and "HTTPValidationError" not in schema["components"]["schemas"]
-    )
+    assert "Problem" in schema["components"]["schemas"] and "HTTPValidationError" not in schema["components"]["schemas"]
     for path, ops in schema["paths"].items():
         for op in ops.values():
             for status, response in op["responses"].items():
@@ -350,9 +327,7 @@ def test_openapi_documents_every_error_as_problem_json(api):
 
 
 # --- authentication ----------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "value", [None, "Basic abc", "Bearer ", "Bearer not-a-key", "Bearer vdu_0000_unknown"]
-)
+@pytest.mark.parametrize("value", [None, "Basic abc", "Bearer ", "Bearer not-a-key", "Bearer vdu_0000_unknown"])
 def test_missing_or_invalid_keys_are_401(api, value):
     headers = {"Authorization": value} if value else {}
     body = assert_problem(api.client.get("/v1/jobs", headers=headers), 401, "Authorization", "unauthorized")
@@ -387,9 +362,7 @@ def test_another_teams_resources_are_404(api, ready):
     assert_problem(api.client.post(f"/v1/jobs/{job_id}/cancel", headers=stranger), 404)
     assert_problem(api.client.delete(f"/v1/forget-sets/{fs_id}", headers=stranger), 404)
     # nor can a stranger start a job on them
-    assert_problem(
-        api.client.post("/v1/jobs", headers=stranger, json=job_body(model_id, fs_id)), 422, "model"
-    )
+    assert_problem(api.client.post("/v1/jobs", headers=stranger, json=job_body(model_id, fs_id)), 422, "model")
     assert api.client.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"] == "queued"
 
 
@@ -433,9 +406,7 @@ def test_bad_job_requests_are_422_naming_the_field(api, ready, case, override, f
 
 def test_missing_fields_are_listed(api, team):
     _, headers = team
-    body = assert_problem(
-        api.client.post("/v1/jobs", headers=headers, json={}), 422, "model", "validation_error"
-    )
+    body = assert_problem(api.client.post("/v1/jobs", headers=headers, json={}), 422, "model", "validation_error")
     assert {e["field"] for e in body["errors"]} == {"model", "forget_set"}
 
 
@@ -463,9 +434,7 @@ def test_malformed_or_oversized_json_bodies(api, ready, content, ctype, status, 
 @pytest.mark.parametrize("key", ["x" * 256, "has space", "tab\there"])
 def test_bad_idempotency_keys(api, ready, key):
     _, headers, model_id, fs_id = ready
-    resp = api.client.post(
-        "/v1/jobs", headers={**headers, "Idempotency-Key": key}, json=job_body(model_id, fs_id)
-    )
+    resp = api.client.post("/v1/jobs", headers={**headers, "Idempotency-Key": key}, json=job_body(model_id, fs_id))
     assert_problem(resp, 422, "Idempotency-Key")
 
 
@@ -480,9 +449,7 @@ def test_unknown_ids_routes_and_methods(api, team):
     assert_problem(api.client.get("/v1/jobs", headers=headers, params={"limit": "ten"}), 422, "limit")
     assert_problem(api.client.get("/v1/jobs", headers=headers, params={"status": "done"}), 422, "status[0]")
     assert_problem(api.client.get("/v1/jobs", headers=headers, params={"after": "'; drop"}), 422, "after")
-    assert_problem(
-        api.client.get("/v1/jobs/job_x/events", headers=headers, params={"after": -1}), 422, "after"
-    )
+    assert_problem(api.client.get("/v1/jobs/job_x/events", headers=headers, params={"after": -1}), 422, "after")
 
 
 def test_cancelling_a_finished_job_is_409(api, ready, tmp_path):
@@ -525,9 +492,7 @@ BAD_FORGET_SETS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("case", "files", "field", "rule"), BAD_FORGET_SETS, ids=[c[0] for c in BAD_FORGET_SETS]
-)
+@pytest.mark.parametrize(("case", "files", "field", "rule"), BAD_FORGET_SETS, ids=[c[0] for c in BAD_FORGET_SETS])
 def test_bad_forget_sets_are_422_and_leave_nothing(api, team, case, files, field, rule):
     team_id, headers = team
     body = assert_problem(
@@ -628,9 +593,7 @@ BAD_MODELS = [
         {
             "file": (
                 "m.tar",
-                tar_bytes(
-                    {"pipe/model_index.json": b"{}", "pipe/unet/diffusion_pytorch_model.bin": PICKLE_PAYLOAD}
-                ),
+                tar_bytes({"pipe/model_index.json": b"{}", "pipe/unet/diffusion_pytorch_model.bin": PICKLE_PAYLOAD}),
             )
         },
         "file",
@@ -656,9 +619,7 @@ BAD_MODELS = [
 @pytest.mark.parametrize(("case", "files", "field", "rule"), BAD_MODELS, ids=[c[0] for c in BAD_MODELS])
 def test_bad_model_uploads_are_422_and_leave_nothing(api, team, case, files, field, rule):
     team_id, headers = team
-    body = assert_problem(
-        api.client.post("/v1/models", headers=headers, files=files), 422, field, "invalid_model"
-    )
+    body = assert_problem(api.client.post("/v1/models", headers=headers, files=files), 422, field, "invalid_model")
     assert body["rule"] == rule
     assert snapshot(api, team_id) == {
         "rows": {"forget_sets": 0, "models": 0, "jobs": 0},

@@ -49,9 +49,7 @@ def test_the_api_process_never_imports_torch_or_the_worker(pg_url, redis_prefix,
         "VDU_STORAGE_URL": str(tmp_path / "storage"),
         "PYTHONPATH": str(REPO),
     }
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=100
-    )
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["statuses"] == [201, 201, 201]

@@ -45,8 +45,7 @@ def get(settings, job_id) -> Job:
 def events(settings, job_id) -> list[tuple[int, str]]:
     with session_scope(settings) as s:
         return [
-            (e.seq, e.type)
-            for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq))
+            (e.seq, e.type) for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq))
         ]
 
 
@@ -63,13 +62,9 @@ def test_claim_heartbeat_succeed_is_idempotent(settings):
         assert ledger.heartbeat(s, job_id, "w2", 30, {"step": 1}) is None  # not the owner
     artifacts = {"files": {"metrics.json": {"sha256": "a" * 64}}}
     with session_scope(settings) as s:
-        assert (
-            ledger.succeed(s, job_id, "w1", metrics={"pul": 0.1}, artifacts=artifacts).status == "succeeded"
-        )
+        assert ledger.succeed(s, job_id, "w1", metrics={"pul": 0.1}, artifacts=artifacts).status == "succeeded"
     with session_scope(settings) as s:  # finalize repeated: same result, no new event
-        assert (
-            ledger.succeed(s, job_id, "w1", metrics={"pul": 0.1}, artifacts=artifacts).status == "succeeded"
-        )
+        assert ledger.succeed(s, job_id, "w1", metrics={"pul": 0.1}, artifacts=artifacts).status == "succeeded"
     job = get(settings, job_id)
     assert job.metrics == {"pul": 0.1} and job.finished_at is not None and job.lease_expires_at is None
     assert events(settings, job_id) == [(1, "queued"), (2, "started"), (3, "progress"), (4, "succeeded")]

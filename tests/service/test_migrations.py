@@ -17,9 +17,7 @@ def _diff(url: str) -> list:
     engine = create_engine(url, poolclass=pool.NullPool)
     try:
         with engine.connect() as conn:
-            ctx = MigrationContext.configure(
-                conn, opts={"compare_type": True, "compare_server_default": True}
-            )
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
             return compare_metadata(ctx, Base.metadata)
     finally:
         engine.dispose()
