@@ -48,11 +48,12 @@ def artifact_entries(job: Job, base_url: str = "") -> list[ArtifactOut]:
     ]
 
 
-def _succeeded_job(session, job_id: str, team_id: str) -> Job:
+def _job_with_artifacts(session, job_id: str, team_id: str) -> Job:
+    """A succeeded job, or a failed one that left evidence (a collapsed model's metrics and grids)."""
     job = get_owned(session, Job, job_id, team_id)
-    if job.status != JobStatus.succeeded.value:
-        raise Conflict(f"job {job_id} is {job.status}; artifacts exist once it has succeeded", field="status")
-    return job
+    if job.status == JobStatus.succeeded.value or (job.status == JobStatus.failed.value and job.artifacts):
+        return job
+    raise Conflict(f"job {job_id} is {job.status}; artifacts exist once it has succeeded", field="status")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
@@ -85,7 +86,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
 def list_artifacts(job_id: str, request: Request, team: CurrentTeam, session: SessionDep) -> ArtifactList:
     """Every artifact of a succeeded job with its size and sha256. `checkpoint.tar` is the sanitized
     pipeline folder (plus model card, metrics and samples) as one archive."""
-    job = _succeeded_job(session, job_id, team.id)
+    job = _job_with_artifacts(session, job_id, team.id)
     return ArtifactList(data=artifact_entries(job, str(request.base_url)))
 
 
@@ -112,10 +113,10 @@ def download_artifact(
 ) -> Response:
     """Download one artifact (`checkpoint` is an alias of the checkpoint archive). Supports `Range`
     (one range, 206), `If-Range`, `If-None-Match` (304); `ETag` is the quoted sha256."""
-    job = _succeeded_job(session, job_id, team.id)
+    job = _job_with_artifacts(session, job_id, team.id)
     artifacts = job.artifacts or {}
     if name == CHECKPOINT_ALIAS:
-        name = artifacts.get("checkpoint", "")
+        name = artifacts.get("checkpoint") or ""
     info = artifacts.get("files", {}).get(name)
     if info is None:
         raise NotFound("artifact", name, field="name")
@@ -129,9 +130,7 @@ def download_artifact(
         "X-Checksum-Sha256": sha,
         "Content-Disposition": f'attachment; filename="{job.id}-{name.replace("/", "_")}"',
     }
-    if if_none_match and (
-        if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]
-    ):
+    if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
         return Response(status_code=304, headers=headers)
     span = parse_range(range_, size) if (if_range is None or if_range.strip() == etag) else None
     if span == "unsatisfiable":

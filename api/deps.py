@@ -58,9 +58,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 def get_current_team(request: Request, session: SessionDep) -> Team:
     header = request.headers.get("authorization")
     if not header:
-        raise Unauthorized(
-            "missing Authorization header; send `Authorization: Bearer <key>`", field="Authorization"
-        )
+        raise Unauthorized("missing Authorization header; send `Authorization: Bearer <key>`", field="Authorization")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("the Authorization header must be `Bearer <key>`", field="Authorization")

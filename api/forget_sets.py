@@ -85,14 +85,10 @@ def _pack(upload: Upload) -> Path:
     return target
 
 
-def _create(
-    session: Session, settings: Settings, storage: Storage, team_id: str, upload: Upload
-) -> ForgetSet:
+def _create(session: Session, settings: Settings, storage: Storage, team_id: str, upload: Upload) -> ForgetSet:
     files = upload.files
     if not files:
-        raise InvalidInput(
-            "no file uploaded: send `file` (an archive or image) or `files` (images)", field="file"
-        )
+        raise InvalidInput("no file uploaded: send `file` (an archive or image) or `files` (images)", field="file")
     field = "file" if len(files) == 1 else "files"
     if len(files) == 1:
         path, filename, sha, size = files[0].path, files[0].filename, files[0].sha256, files[0].size
@@ -180,14 +176,10 @@ def get_forget_set(forget_set_id: str, team: CurrentTeam, session: SessionDep) -
 
 
 @router.delete("/{forget_set_id}", status_code=204, responses=error_responses(401, 404, 409, 503))
-def delete_forget_set(
-    forget_set_id: str, team: CurrentTeam, session: SessionDep, storage: StorageDep
-) -> Response:
+def delete_forget_set(forget_set_id: str, team: CurrentTeam, session: SessionDep, storage: StorageDep) -> Response:
     """Delete a forget set and its file. Refused (409) while a queued or running job uses it."""
     row = get_owned(session, ForgetSet, forget_set_id, team.id, for_update=True)
-    busy = session.scalar(
-        select(Job.id).where(Job.forget_set_id == row.id, Job.status.in_(ACTIVE_STATUSES)).limit(1)
-    )
+    busy = session.scalar(select(Job.id).where(Job.forget_set_id == row.id, Job.status.in_(ACTIVE_STATUSES)).limit(1))
     if busy:
         raise Conflict(f"job {busy} still uses this forget set; cancel it or wait", field="forget_set_id")
     storage.delete(row.storage_key)

@@ -191,9 +191,7 @@ def list_jobs(
         stmt = stmt.where(Job.status.in_(status))
     rows, more = paginate(session, stmt, Job, limit=limit, after=after)
     base = str(request.base_url)
-    return JobPage(
-        data=[JobOut.of(j, base) for j in rows], has_more=more, next_cursor=rows[-1].id if more else None
-    )
+    return JobPage(data=[JobOut.of(j, base) for j in rows], has_more=more, next_cursor=rows[-1].id if more else None)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404))
@@ -219,9 +217,7 @@ def list_events(
     job_id: str,
     team: CurrentTeam,
     session: SessionDep,
-    after: Annotated[
-        int, Query(ge=0, le=2**31 - 1, description="sequence number of the last event seen")
-    ] = 0,
+    after: Annotated[int, Query(ge=0, le=2**31 - 1, description="sequence number of the last event seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
     """The job's events in order (queued, started, progress..., a final state), from `after`."""

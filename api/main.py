@@ -87,9 +87,7 @@ def create_app(
     def openapi():
         if app.openapi_schema:
             return app.openapi_schema
-        schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for model in EXTRA_SCHEMAS:
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")

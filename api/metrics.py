@@ -48,13 +48,9 @@ class JobCollector:
                 counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
                 since = utcnow() - timedelta(hours=1)
                 started = s.execute(
-                    select(Job.created_at, Job.started_at).where(
-                        Job.started_at.is_not(None), Job.started_at > since
-                    )
+                    select(Job.created_at, Job.started_at).where(Job.started_at.is_not(None), Job.started_at > since)
                 ).all()
-                running = s.execute(
-                    select(Job.id, Job.progress).where(Job.status == JobStatus.running.value)
-                ).all()
+                running = s.execute(select(Job.id, Job.progress).where(Job.status == JobStatus.running.value)).all()
         except Exception as exc:  # the database is down: /readyz says so; keep /metrics answering
             log.warning("metrics: cannot read jobs: %s", type(exc).__name__)
             return

@@ -97,9 +97,7 @@ def _register_ref(session: Session, settings: Settings, team_id: str, body: Mode
     return row
 
 
-def _register_upload(
-    session: Session, settings: Settings, storage: Storage, team_id: str, upload: Upload
-) -> Model:
+def _register_upload(session: Session, settings: Settings, storage: Storage, team_id: str, upload: Upload) -> Model:
     mains = upload.files_for("file")
     if len(mains) != 1:
         raise InvalidInput("send exactly one model file as `file`", field="file")
@@ -112,9 +110,7 @@ def _register_upload(
     main = mains[0]
     name = check_name(upload.fields.get("name"), main.filename)
     summary = inspect_model_file(main.path, limits, field="file")
-    lineage_summaries = [
-        inspect_model_file(f.path, limits, field=f"lineage[{i}]") for i, f in enumerate(lineage_files)
-    ]
+    lineage_summaries = [inspect_model_file(f.path, limits, field=f"lineage[{i}]") for i, f in enumerate(lineage_files)]
 
     model_id = new_id("model")
     prefix = f"teams/{team_id}/models/{model_id}"
@@ -148,8 +144,7 @@ def _register_upload(
             size_bytes=main.size,
             sha256=main.sha256,
             lineage=lineage,
-            summary={k: v for k, v in summary.items() if k != "files"}
-            | {"files": summary.get("files", [])[:200]},
+            summary={k: v for k, v in summary.items() if k != "files"} | {"files": summary.get("files", [])[:200]},
         )
         session.add(row)
         session.commit()
@@ -213,13 +208,9 @@ async def register_model(
 
 
 @router.get("", response_model=ModelPage, responses=error_responses(401, 422))
-def list_models(
-    team: CurrentTeam, session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None
-) -> ModelPage:
+def list_models(team: CurrentTeam, session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None) -> ModelPage:
     rows, more = paginate(session, scoped(Model, team.id), Model, limit=limit, after=after)
-    return ModelPage(
-        data=[ModelOut.of(r) for r in rows], has_more=more, next_cursor=rows[-1].id if more else None
-    )
+    return ModelPage(data=[ModelOut.of(r) for r in rows], has_more=more, next_cursor=rows[-1].id if more else None)
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=error_responses(401, 404))

@@ -12,14 +12,10 @@ from jobs.errors import InvalidInput
 from jobs.ids import ID_PATTERN
 
 LimitQuery = Annotated[int, Query(ge=1, le=100, description="page size")]
-AfterQuery = Annotated[
-    str | None, Query(max_length=64, description="cursor: `next_cursor` of the previous page")
-]
+AfterQuery = Annotated[str | None, Query(max_length=64, description="cursor: `next_cursor` of the previous page")]
 
 
-def paginate(
-    session: Session, stmt: Select, table: Any, *, limit: int, after: str | None
-) -> tuple[list, bool]:
+def paginate(session: Session, stmt: Select, table: Any, *, limit: int, after: str | None) -> tuple[list, bool]:
     if after is not None:
         if not ID_PATTERN.match(after):
             raise InvalidInput("not a valid cursor", field="after")

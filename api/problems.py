@@ -141,20 +141,14 @@ def _validation_problem(request: Request, exc: RequestValidationError) -> JSONRe
         field = loc_to_field(loc)
         if loc and loc[0] == "header":
             field = str(loc[-1]).replace("_", "-").title()
-        errors.append(
-            {"field": field, "message": err.get("msg", "invalid"), "type": err.get("type", "invalid")}
-        )
+        errors.append({"field": field, "message": err.get("msg", "invalid"), "type": err.get("type", "invalid")})
     first = errors[0] if errors else {"field": "body", "message": "invalid request"}
     if any(e["type"] == "json_invalid" for e in errors):
-        return problem_response(
-            400, "the body is not valid JSON", code="malformed_json", field="body", request=request
-        )
+        return problem_response(400, "the body is not valid JSON", code="malformed_json", field="body", request=request)
     detail = f"{first['field']}: {first['message']}"
     if len(errors) > 1:
         detail += f" (and {len(errors) - 1} more)"
-    return problem_response(
-        422, detail, code="validation_error", field=first["field"], errors=errors, request=request
-    )
+    return problem_response(422, detail, code="validation_error", field=first["field"], errors=errors, request=request)
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:

@@ -113,9 +113,7 @@ class ModelOut(BaseModel):
 
     @classmethod
     def of(cls, m: Model) -> ModelOut:
-        lineage = [
-            LineageOut(**{k: v for k, v in ref.items() if k in LineageOut.model_fields}) for ref in m.lineage
-        ]
+        lineage = [LineageOut(**{k: v for k, v in ref.items() if k in LineageOut.model_fields}) for ref in m.lineage]
         return cls(
             id=m.id,
             name=m.name,
@@ -136,12 +134,8 @@ class JobCreate(Strict):
     model: str = Field(min_length=1, max_length=64, description="id of a registered model")
     forget_set: str = Field(min_length=1, max_length=64, description="id of an uploaded forget set")
     method: str = Field("vdu", min_length=1, max_length=32)
-    params: dict[str, Any] = Field(
-        default_factory=dict, description="method parameters (vdu_core UnlearnConfig)"
-    )
-    evaluation: dict[str, Any] = Field(
-        default_factory=dict, description="evaluation options (vdu_core EvalConfig)"
-    )
+    params: dict[str, Any] = Field(default_factory=dict, description="method parameters (vdu_core UnlearnConfig)")
+    evaluation: dict[str, Any] = Field(default_factory=dict, description="evaluation options (vdu_core EvalConfig)")
     webhook_url: str | None = Field(None, max_length=2048)
 
 
@@ -186,7 +180,7 @@ class JobOut(BaseModel):
         checkpoint = None
         if job.status == "succeeded" and job.artifacts:
             entries = {a.name: a for a in artifact_entries(job, base_url)}
-            checkpoint = entries.get(job.artifacts.get("checkpoint", ""))
+            checkpoint = entries.get(job.artifacts.get("checkpoint") or "")
         return cls(
             id=job.id,
             status=job.status,

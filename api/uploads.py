@@ -105,9 +105,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class _Receiver:
-    def __init__(
-        self, upload: Upload, *, max_bytes: int, max_files: int, file_fields: set[str], text_fields: set[str]
-    ):
+    def __init__(self, upload: Upload, *, max_bytes: int, max_files: int, file_fields: set[str], text_fields: set[str]):
         self.upload = upload
         self.max_bytes = max_bytes
         self.max_files = max_files
@@ -147,9 +145,7 @@ class _Receiver:
         disposition, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = options.get(b"name")
         if disposition != b"form-data" or name is None:
-            raise MalformedMultipart(
-                "each part needs Content-Disposition: form-data with a name", field="body"
-            )
+            raise MalformedMultipart("each part needs Content-Disposition: form-data with a name", field="body")
         field_name = name.decode("utf-8", "replace")
         self._current_field = field_name
         if b"filename" in options:
@@ -179,8 +175,7 @@ class _Receiver:
             self._hash = hashlib.sha256()
         elif field_name not in self.text_fields:
             raise InvalidInput(
-                f"unexpected field {field_name!r}; expected "
-                f"{', '.join(sorted(self.text_fields | self.file_fields))}",
+                f"unexpected field {field_name!r}; expected {', '.join(sorted(self.text_fields | self.file_fields))}",
                 field=field_name,
             )
 
@@ -216,9 +211,7 @@ class _Receiver:
                 except UnicodeDecodeError as exc:
                     raise InvalidInput("fields must be UTF-8 text", field=self._current_field) from exc
                 if self._current_field in self.upload.fields:
-                    raise InvalidInput(
-                        f"field {self._current_field!r} given twice", field=self._current_field
-                    )
+                    raise InvalidInput(f"field {self._current_field!r} given twice", field=self._current_field)
                 self.upload.fields[self._current_field] = value
             return
         if self._buffer:
@@ -258,9 +251,7 @@ async def receive_upload(
     ctype = request.headers.get("content-type", "")
     mime, options = parse_options_header(ctype)
     if mime != b"multipart/form-data":
-        raise UnsupportedMediaType(
-            f"expected multipart/form-data, got {ctype or 'none'!r}", field="Content-Type"
-        )
+        raise UnsupportedMediaType(f"expected multipart/form-data, got {ctype or 'none'!r}", field="Content-Type")
     boundary = options.get(b"boundary")
     if not boundary:
         raise MalformedMultipart("the multipart Content-Type has no boundary", field="Content-Type")

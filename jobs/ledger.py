@@ -202,18 +202,28 @@ def succeed(
 
 
 def fail(
-    session: Session, job_id: str, worker_id: str, *, code: str, message: str, field: str | None = None
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    *,
+    code: str,
+    message: str,
+    field: str | None = None,
+    artifacts: dict[str, Any] | None = None,
 ) -> Job | None:
-    """running|cancelling → failed with ``error {code, message}``."""
+    """running|cancelling → failed with ``error {code, message}`` (and, when the run left evidence,
+    such as a collapsed model's metrics and grids, its ``artifacts``)."""
     now = utcnow()
     error = {"code": code, "message": message[:2000]}
     if field:
         error["field"] = field
+    values: dict[str, Any] = {"artifacts": artifacts} if artifacts is not None else {}
     return _transition(
         session,
         job_id,
         and_(Job.status.in_(RUNNING_STATES), Job.worker_id == worker_id),
         {
+            **values,
             "status": S.failed.value,
             "error": error,
             "finished_at": now,

@@ -30,7 +30,7 @@ from jobs.logs import job_id_var
 from jobs.settings import Settings
 from jobs.storage import Storage, get_storage
 from jobs.tables import ForgetSet, Job, JobStatus, Model
-from vdu_core.errors import Cancelled, VDUError
+from vdu_core.errors import Cancelled, ModelCollapsed, VDUError
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.tar"
@@ -189,18 +189,20 @@ class JobRun:
             should_cancel=self.should_cancel,
         )
 
-    def publish(self, inputs: JobInputs, out_dir: Path, known: dict[str, str]) -> dict:
+    def publish(self, inputs: JobInputs, out_dir: Path, known: dict[str, str], *, with_checkpoint: bool = True) -> dict:
         """Archive the pipeline folder, then write everything under a temporary prefix and move it
         into ``teams/{team}/jobs/{job}/``; return the manifest recorded on the job."""
-        archive = out_dir.parent / CHECKPOINT_NAME
-        write_checkpoint_archive(out_dir, archive)
-        archive.replace(out_dir / CHECKPOINT_NAME)
+        if with_checkpoint:
+            archive = out_dir.parent / CHECKPOINT_NAME
+            write_checkpoint_archive(out_dir, archive)
+            archive.replace(out_dir / CHECKPOINT_NAME)
         sizes = {rel: (out_dir / rel).stat().st_size for rel in _files(out_dir)}
         hashes = {rel: known.get(rel) or sha256_file(out_dir / rel) for rel in sizes}
         self.heartbeat(self._progress)  # still ours? (a zombie attempt must not overwrite a newer one)
-        keys = self.storage.publish_dir(out_dir, f"teams/{inputs.team_id}/jobs/{inputs.job_id}")
+        prefix = f"teams/{inputs.team_id}/jobs/{inputs.job_id}"
+        keys = self.storage.publish_dir(out_dir, prefix)
         files = {rel: {"key": keys[rel], "size": sizes[rel], "sha256": hashes[rel]} for rel in sorted(keys)}
-        return {"prefix": f"teams/{inputs.team_id}/jobs/{inputs.job_id}", "files": files, "checkpoint": CHECKPOINT_NAME}
+        return {"prefix": prefix, "files": files, "checkpoint": CHECKPOINT_NAME if with_checkpoint else None}
 
     def execute(self) -> str:
         inputs = self.claim()
@@ -217,7 +219,10 @@ class JobRun:
         try:
             with tempfile.TemporaryDirectory(dir=self.settings.worker_tmp_dir, prefix=f"vdu-{self.job_id}-") as tmp:
                 workdir = Path(tmp)
-                result = self.run_library(inputs, workdir)
+                try:
+                    result = self.run_library(inputs, workdir)
+                except ModelCollapsed as exc:
+                    return self._collapsed(inputs, workdir / "out", exc)
                 manifest = self.publish(inputs, Path(result.out_dir), dict(result.artifacts))
             metrics = _json_safe(result.metrics)
             done = self.tx(
@@ -253,10 +258,26 @@ class JobRun:
             self._stop.set()
             keeper.join(timeout=5)
 
-    def _fail(self, code: str, message: str, field: str | None) -> str:
+    def _fail(self, code: str, message: str, field: str | None, artifacts: dict | None = None) -> str:
         log.warning("job %s failed: %s: %s", self.job_id, code, message, extra={"event": "job_failed"})
-        self.tx(lambda s: ledger.fail(s, self.job_id, self.worker_id, code=code, message=message, field=field), "fail")
+        self.tx(
+            lambda s: ledger.fail(
+                s, self.job_id, self.worker_id, code=code, message=message, field=field, artifacts=artifacts
+            ),
+            "fail",
+        )
         return "failed"
+
+    def _collapsed(self, inputs: JobInputs, out_dir: Path, exc: ModelCollapsed) -> str:
+        """A collapsed model is a failure, but its evidence (metrics, grids, card) is published."""
+        message = exc.message.replace(str(out_dir), "the job's artifacts")
+        evidence = None
+        if out_dir.is_dir():
+            try:
+                evidence = self.publish(inputs, out_dir, {}, with_checkpoint=False)
+            except (StorageError, OSError) as err:
+                log.warning("could not publish the evidence of a collapsed run: %s", err)
+        return self._fail(exc.code, message, exc.field, artifacts=evidence)
 
 
 def _files(root: Path) -> list[str]:

@@ -665,3 +665,40 @@ def test_bad_model_references_are_422(api, team, case, body, field):
     team_id, headers = team
     assert_problem(api.client.post("/v1/models", headers=headers, json=body), 422, field)
     assert snapshot(api, team_id)["rows"]["models"] == 0
+
+
+def test_a_failed_job_serves_its_evidence_but_no_checkpoint(api, ready, tmp_path):
+    team_id, headers, model_id, fs_id = ready
+    out = tmp_path / "evidence"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "after.png").write_bytes(png_bytes(2))
+    with session_scope(api.settings) as s:
+        job = ledger.create_job(
+            s,
+            team_id=team_id,
+            model_id=model_id,
+            forget_set_id=fs_id,
+            method="vdu",
+            params={},
+            evaluation={},
+            max_attempts=1,
+        )
+        ledger.claim(s, job.id, "w", 30)
+        job_id = job.id
+    keys = api.storage.publish_dir(out, f"teams/{team_id}/jobs/{job_id}")
+    files = {
+        rel: {
+            "key": k,
+            "size": (out / rel).stat().st_size,
+            "sha256": hashlib.sha256((out / rel).read_bytes()).hexdigest(),
+        }
+        for rel, k in keys.items()
+    }
+    with session_scope(api.settings) as s:
+        ledger.fail(
+            s, job_id, "w", code="model_collapsed", message="collapsed", artifacts={"files": files, "checkpoint": None}
+        )
+    job = api.client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "model_collapsed" and job["checkpoint"] is None
+    assert api.client.get(f"/v1/jobs/{job_id}/artifacts/samples/after.png", headers=headers).content == png_bytes(2)
+    assert_problem(api.client.get(f"/v1/jobs/{job_id}/artifacts/checkpoint", headers=headers), 404, "name")

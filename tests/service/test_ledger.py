@@ -188,3 +188,23 @@ def test_event_numbers_stay_contiguous_under_concurrent_writers(settings):
         t.join()
     seqs = [seq for seq, _ in events(settings, job_id)]
     assert seqs == list(range(1, 43))
+
+
+def test_reconciler_reads_redis_and_resends_what_a_restart_lost(settings):
+    import redis
+
+    from jobs.queue import CeleryDispatcher
+
+    settings = settings.model_copy(update={"queue_name": "reconcile-test"})
+    dispatcher = CeleryDispatcher(settings)
+    job_id = new_job(settings)
+    dispatcher.publish(job_id)
+    assert job_id in dispatcher.pending_job_ids()
+    with session_scope(settings) as s:
+        s.get(Job, job_id).last_published_at = utcnow() - timedelta(hours=1)
+    assert job_id not in run_maintenance(settings, dispatcher).republished  # Redis still holds it
+
+    redis.Redis.from_url(settings.broker_url).delete(settings.broker_key_prefix + settings.queue_name)
+    assert job_id not in dispatcher.pending_job_ids()  # "Redis restarted empty"
+    assert job_id in run_maintenance(settings, dispatcher).republished
+    assert job_id in dispatcher.pending_job_ids()
