@@ -24,13 +24,11 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
 
-from vdu_core import anchors as anchors_mod  # noqa: E402
-from vdu_core import loop, metrics, posterior  # noqa: E402
+from vdu_core import metrics  # noqa: E402
 from vdu_core.config import UnlearnConfig  # noqa: E402
-from vdu_core.methods import get_method  # noqa: E402
 from vdu_core.reference import REFERENCE_DIR, load_mnist_5k  # noqa: E402
+from vdu_core.run import unlearn_model  # noqa: E402
 from vdu_core.sampling import sample_images  # noqa: E402
 
 FLOORS = {"pul": 90.0, "u_fid_ratio": 1.25, "retained_kept": 0.90}
@@ -56,16 +54,9 @@ def lineage_paths(model_dir: Path) -> list[Path]:
 
 def run_one(pipe, forget, cfg: UnlearnConfig, lineage_states, cache_dir: Path):
     unet = copy.deepcopy(pipe.unet)
-    sched = pipe.scheduler
     t0 = time.time()
-    post = None
-    if get_method(cfg.method).uses_posterior and cfg.gamma > 0:
-        post = posterior.estimate(unet, sched, cfg, lineage_states=lineage_states, cache_dir=cache_dir)
-    anchors = None
-    if cfg.method == "vdu" and cfg.anchor_weight > 0:
-        anchors, _ = anchors_mod.build_anchors(unet, sched, forget, cfg.anchor_samples,
-                                               cfg.anchor_exclude_fraction, cfg.seed)
-    report = loop.unlearn(unet, sched, forget, cfg, post, anchors=anchors)
+    report, _, _ = unlearn_model(unet, pipe.scheduler, forget, cfg, lineage_states=lineage_states,
+                                 cache_dir=cache_dir)
     return unet.eval(), report, time.time() - t0
 
 
@@ -95,7 +86,7 @@ def main(argv=None) -> None:
         lineage_states = [load_unet_state(p, pipe.unet) for p in lineage_paths(model_dir)]
     classifier = metrics.load_classifier("builtin:mnist")
     images, labels = load_mnist_5k()
-    cache_dir = Path(os.environ.get("VDU_CACHE_DIR", Path.home() / ".cache" / "vdu")) / "posteriors"
+    cache_dir = Path(os.environ.get("VDU_CACHE_DIR", Path.home() / ".cache" / "vdu"))
     overrides = parse_sets(args.set)
 
     t0 = time.time()

@@ -23,14 +23,23 @@ def nearest_forget_distance(samples: torch.Tensor, forget: torch.Tensor) -> torc
 
 
 def build_anchors(unet, scheduler, forget: torch.Tensor, n: int, exclude_fraction: float, seed: int,
-                  steps: int = 25, batch_size: int = 64) -> tuple[torch.Tensor, dict]:
-    """Sample ``n`` images from ``unet`` (DDIM ``steps``), drop the share nearest the forget set."""
+                  steps: int = 25, batch_size: int = 64, self_forget_fraction: float = 0.0,
+                  ) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Sample ``n`` images from ``unet`` (DDIM ``steps``) and split them by distance to the forget set.
+
+    Returns (anchors, info, self_forget): the anchors leave out the ``exclude_fraction`` nearest the
+    forget set; ``self_forget`` are the ``self_forget_fraction`` nearest, the model's own renditions
+    of the forgotten content, which the plasticity term may use beside the user's forget images (the
+    forget set shows what to forget; these show where the model actually generates it).
+    """
     from vdu_core.sampling import sample_images
 
     samples = sample_images(unet, scheduler, n, seed=seed, steps=steps, batch_size=batch_size)
     dist = nearest_forget_distance(samples, forget)
     keep = max(1, int(round(n * (1.0 - exclude_fraction))))
-    order = torch.argsort(dist, descending=True)[:keep]
-    info = {"generated": n, "kept": keep, "excluded": n - keep, "sample_steps": steps,
+    order = torch.argsort(dist, descending=True)
+    n_self = int(round(n * self_forget_fraction))
+    self_forget = samples[order[len(order) - n_self:]] if n_self else samples[:0]
+    info = {"generated": n, "kept": keep, "excluded": n - keep, "self_forget": n_self, "sample_steps": steps,
             "exclusion": "L2 to nearest forget image on 4x-pooled pixels"}
-    return samples[order.sort().values], info
+    return samples[order[:keep].sort().values], info, self_forget

@@ -153,6 +153,10 @@ class UnlearnConfig(_Validated):
     anchor_exclude_fraction: float = _spec(
         0.2, ge=0.0, lt=1.0, doc="share of anchors nearest the forget set left out"
     )
+    self_forget_fraction: float = _spec(
+        0.1, ge=0.0, lt=1.0,
+        doc="share of the original's own samples nearest the forget set added to the forget set (vdu only)",
+    )
     probe_every: int = _spec(10, ge=1, doc="steps between measurements of the forget-set loss ratio")
     target_loss_ratio: float | None = _spec(
         None, gt=1.0, doc="stop once the forget-set loss reaches this multiple of its initial value"
@@ -165,8 +169,9 @@ class UnlearnConfig(_Validated):
     #: paper objective and gradient ascent have neither the bound nor the function-space term.
     method_defaults: typing.ClassVar[dict[str, dict[str, Any]]] = {
         "vdu": {},
-        "vdu_paper": {"plasticity_bound": None, "anchor_weight": 0.0},
-        "gradient_ascent": {"gamma": 0.0, "plasticity_bound": None, "anchor_weight": 0.0},
+        "vdu_paper": {"plasticity_bound": None, "anchor_weight": 0.0, "self_forget_fraction": 0.0},
+        "gradient_ascent": {"gamma": 0.0, "plasticity_bound": None, "anchor_weight": 0.0,
+                            "self_forget_fraction": 0.0},
     }
 
     def validate(self, *, prefix: str = "params") -> None:
@@ -178,6 +183,9 @@ class UnlearnConfig(_Validated):
             if self.plasticity_bound is not None:
                 raise ConfigError(f"plasticity_bound is a term of method 'vdu' only, not {self.method!r}",
                                   field=f"{prefix}.plasticity_bound")
+            if self.self_forget_fraction != 0.0:
+                raise ConfigError(f"self_forget_fraction is a part of method 'vdu' only, not {self.method!r}",
+                                  field=f"{prefix}.self_forget_fraction")
         if self.method == "gradient_ascent" and self.gamma != 0.0:
             raise ConfigError("gradient ascent is VDU with gamma = 0", field=f"{prefix}.gamma")
         if self.t_max is not None and self.t_max <= self.t_min:

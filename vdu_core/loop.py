@@ -123,8 +123,13 @@ def unlearn(
     anchors: torch.Tensor | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    probe_images: torch.Tensor | None = None,
 ) -> UnlearnReport:
-    """Unlearn ``forget`` (N, C, H, W in [-1, 1]) from ``unet`` in place; return what happened."""
+    """Unlearn ``forget`` (N, C, H, W in [-1, 1]) from ``unet`` in place; return what happened.
+
+    ``probe_images`` (default: ``forget``) are the images whose loss ratio is reported and used by
+    the stopping rule: the user's forget set, when ``forget`` was augmented.
+    """
     method = get_method(config.method)(config)
     device = pick_device(config)
     unet.to(device)
@@ -143,7 +148,8 @@ def unlearn(
             raise ValueError(f"method {config.method!r} needs a posterior")
         regularizer = StabilityRegularizer(params, posterior.mu, posterior.var)
     opt = torch.optim.Adam(params, lr=config.lr)
-    probe = Probe(forget, scheduler, ctx.t_min, ctx.t_max, config.seed)
+    probe_src = forget if probe_images is None else probe_images.to(device)
+    probe = Probe(probe_src, scheduler, ctx.t_min, ctx.t_max, config.seed)
     p0 = probe.loss(unet)
     ratio = 1.0
     amp = autocast_dtype(config, device)

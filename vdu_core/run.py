@@ -64,11 +64,8 @@ def run_unlearning(
     ``ConfigError``) propagate with their ``code``/``field``. A collapsed model raises
     ``ModelCollapsed`` *after* the evidence (metrics, grids, card) is written, without the weights.
     """
-    import torch
 
-    from vdu_core import anchors as anchors_mod
-    from vdu_core import forget_set, loop, models, posterior
-    from vdu_core.methods import get_method
+    from vdu_core import forget_set, loop, models
 
     config = config or UnlearnConfig()
     evaluation = evaluation or EvalConfig()
@@ -96,20 +93,10 @@ def run_unlearning(
     device = loop.pick_device(config)
     unet.to(device)
 
-    post = None
-    method_cls = get_method(config.method)
-    if method_cls.uses_posterior and config.gamma > 0:
-        post = posterior.estimate(unet, scheduler, config, lineage_states=lineage_states,
-                                  cache_dir=cache_dir / "posteriors", on_progress=phase_progress("posterior"),
-                                  should_cancel=should_cancel)
-    anchor_set, anchor_info = None, None
-    if config.method == "vdu" and config.anchor_weight > 0:
-        anchor_set, anchor_info = anchors_mod.build_anchors(
-            unet, scheduler, forget_images, config.anchor_samples, config.anchor_exclude_fraction, config.seed)
-
     original = copy.deepcopy(unet).eval()
-    report = loop.unlearn(unet, scheduler, forget_images, config, post, anchors=anchor_set,
-                          on_progress=phase_progress("unlearn"), should_cancel=should_cancel)
+    report, post, anchor_info = unlearn_model(
+        unet, scheduler, forget_images, config, lineage_states=lineage_states, cache_dir=cache_dir,
+        on_progress=on_progress, should_cancel=should_cancel)
 
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -136,6 +123,53 @@ def run_unlearning(
     return res
 
 
+def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, lineage_states=(),
+                  cache_dir: Path | None = None, on_progress=None, should_cancel=None):
+    """Posterior, anchors and the loop on an in-memory model: the algorithm without any I/O.
+
+    Shared by ``run_unlearning`` and the benchmarks, so both run exactly the same method.
+    Returns (loop report, posterior or None, anchor info or None); ``unet`` is updated in place.
+    """
+    import torch
+
+    from vdu_core import anchors as anchors_mod
+    from vdu_core import loop, posterior
+    from vdu_core.methods import get_method
+
+    def phase(name: str):
+        if on_progress is None:
+            return None
+
+        def report(p: Progress) -> None:
+            p.phase = name
+            on_progress(p)
+
+        return report
+
+    post = None
+    if get_method(config.method).uses_posterior and config.gamma > 0:
+        post = posterior.estimate(unet, scheduler, config, lineage_states=lineage_states,
+                                  cache_dir=Path(cache_dir) / "posteriors" if cache_dir else None,
+                                  on_progress=phase("posterior"), should_cancel=should_cancel)
+    anchor_set, anchor_info = None, None
+    forget_all = forget_images
+    if config.method == "vdu" and (config.anchor_weight > 0 or config.self_forget_fraction > 0):
+        if on_progress is not None:
+            on_progress(Progress(step=0, total=1, losses={}, forget_loss_ratio=1.0, elapsed_s=0.0, eta_s=0.0,
+                                 phase="anchors"))
+        anchor_set, anchor_info, self_forget = anchors_mod.build_anchors(
+            unet, scheduler, forget_images, config.anchor_samples, config.anchor_exclude_fraction, config.seed,
+            self_forget_fraction=config.self_forget_fraction)
+        if len(self_forget):
+            forget_all = torch.cat([forget_images, self_forget.to(forget_images.device)])
+        if config.anchor_weight == 0:
+            anchor_set = None
+    report = loop.unlearn(unet, scheduler, forget_all, config, post, anchors=anchor_set,
+                          on_progress=phase("unlearn"), should_cancel=should_cancel,
+                          probe_images=forget_images)
+    return report, post, anchor_info
+
+
 def _side(sample_size) -> int:
     return sample_size[0] if isinstance(sample_size, list | tuple) else sample_size
 
@@ -158,8 +192,9 @@ def _evaluate_and_write(tmp, original, unet, scheduler, forget_images, config, e
         def eval_progress(phase: str, done: int, total: int) -> None:
             if on_progress is not None:
                 elapsed = time.time() - t_eval
-                on_progress(Progress(step=done, total=max(total, 1), losses={}, forget_loss_ratio=report.forget_loss_ratio,
-                                     elapsed_s=elapsed, eta_s=0.0, extra={"evaluation_phase": phase}))
+                on_progress(Progress(step=done, total=max(total, 1), losses={},
+                                     forget_loss_ratio=report.forget_loss_ratio, elapsed_s=elapsed, eta_s=0.0,
+                                     extra={"evaluation_phase": phase}))
 
         ev = metrics_mod.evaluate(before, after, forget_images, evaluation, out_dir=tmp,
                                   on_progress=eval_progress)
