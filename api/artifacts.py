@@ -150,5 +150,10 @@ def download_artifact(
     media_type = content_type(name)
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type=media_type)
-    body = storage.iter_range(info["key"], start, stop) if stop > start else iter(())
+    if stop <= start:
+        body = iter(())
+    elif start == 0 and stop == size:
+        body = storage.iter_range(info["key"])  # no Range sent to S3 for whole files
+    else:
+        body = storage.iter_range(info["key"], start, stop)
     return StreamingResponse(body, status_code=status, headers=headers, media_type=media_type)

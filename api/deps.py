@@ -7,7 +7,6 @@ through these, so tests and the embedded mode wire them without globals.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from typing import Annotated, Any, TypeVar
 
@@ -122,7 +121,3 @@ def json_body(model: type[M]):
 
     dependency.__name__ = f"json_body_{model.__name__}"
     return Depends(dependency)
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)

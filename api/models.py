@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,12 +21,13 @@ from api.schemas import ModelCreate, ModelOut, ModelPage
 from api.uploads import Upload, receive_upload
 from jobs.errors import InvalidInput, UnsupportedMediaType
 from jobs.ids import new_id
-from jobs.model_files import ModelLimits, inspect_model_file
+from jobs.model_files import ModelLimits, extract_model_archive, inspect_model_file
 from jobs.scoping import get_owned, scoped
 from jobs.settings import Settings
 from jobs.storage import Storage
 from jobs.tables import Model
 from jobs.urls import check_url
+from vdu_core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -97,6 +99,33 @@ def _register_ref(session: Session, settings: Settings, team_id: str, body: Mode
     return row
 
 
+def _describe(
+    path: Path, summary: dict, limits: ModelLimits, workdir: Path, field: str, *, bare_ok: bool
+) -> dict | None:
+    """Validate what the worker will load, as it will load it (``vdu_core.models.describe_model``:
+    configs, architecture, weights against the config; torch-free): unpack archives into the upload's
+    temporary folder first."""
+    from vdu_core.models import describe_model
+
+    try:
+        if summary["format"] == "safetensors":
+            if bare_ok:
+                return None
+            raise ModelLoadError(
+                "a bare .safetensors file has no config: upload a zip/tar of the UNet folder (config.json + "
+                "diffusion_pytorch_model.safetensors) or of the whole pipeline folder",
+                rule="missing_config",
+            )
+        root = extract_model_archive(path, workdir, limits)
+        description = describe_model(root)
+        description.pop("ref", None)  # a temporary path of ours
+        return description
+    except ModelLoadError as exc:
+        exc.field = field
+        exc.message = exc.message.replace(f"{workdir}/", "").replace(str(workdir), ".").replace(str(path), path.name)
+        raise
+
+
 def _register_upload(session: Session, settings: Settings, storage: Storage, team_id: str, upload: Upload) -> Model:
     mains = upload.files_for("file")
     if len(mains) != 1:
@@ -110,7 +139,12 @@ def _register_upload(session: Session, settings: Settings, storage: Storage, tea
     main = mains[0]
     name = check_name(upload.fields.get("name"), main.filename)
     summary = inspect_model_file(main.path, limits, field="file")
-    lineage_summaries = [inspect_model_file(f.path, limits, field=f"lineage[{i}]") for i, f in enumerate(lineage_files)]
+    summary["model"] = _describe(main.path, summary, limits, upload.dir / "check-main", "file", bare_ok=False)
+    lineage_summaries = []
+    for i, f in enumerate(lineage_files):
+        lsummary = inspect_model_file(f.path, limits, field=f"lineage[{i}]")
+        _describe(f.path, lsummary, limits, upload.dir / f"check-lineage-{i}", f"lineage[{i}]", bare_ok=True)
+        lineage_summaries.append(lsummary)
 
     model_id = new_id("model")
     prefix = f"teams/{team_id}/models/{model_id}"

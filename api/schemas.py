@@ -109,6 +109,9 @@ class ModelOut(BaseModel):
     bytes: int | None = None
     sha256: str | None = None
     lineage: list[LineageOut]
+    description: dict[str, Any] | None = Field(
+        None, description="what the upload checks found: kind, classes, parameters, sample size, channels"
+    )
     created_at: datetime
 
     @classmethod
@@ -125,6 +128,7 @@ class ModelOut(BaseModel):
             bytes=m.size_bytes,
             sha256=m.sha256,
             lineage=lineage,
+            description=(m.summary or {}).get("model"),
             created_at=m.created_at,
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -99,22 +100,23 @@ def safetensors_bytes(n: int = 4) -> bytes:
     return save({"weight": np.arange(n, dtype=np.float32), "bias": np.zeros(2, dtype=np.float32)})
 
 
-def diffusers_archive(kind: str = "tar") -> bytes:
-    """A minimal DDPM pipeline folder layout (valid to the upload checks, not loadable weights)."""
+TINY = Path(__file__).resolve().parents[2] / "reference" / "mnist-ddpm-tiny"
+TINY_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+)
+
+
+def tiny_model_archive(kind: str = "tar", unet_config: dict | None = None) -> bytes:
+    """The tiny reference DDPM pipeline folder as an archive (``unet_config`` overrides its config)."""
     import json
 
-    members = {
-        "pipe/model_index.json": json.dumps(
-            {
-                "_class_name": "DDPMPipeline",
-                "unet": ["diffusers", "UNet2DModel"],
-                "scheduler": ["diffusers", "DDPMScheduler"],
-            }
-        ).encode(),
-        "pipe/unet/config.json": b'{"_class_name": "UNet2DModel"}',
-        "pipe/unet/diffusion_pytorch_model.safetensors": safetensors_bytes(),
-        "pipe/scheduler/scheduler_config.json": b'{"_class_name": "DDPMScheduler"}',
-    }
+    members = {f"mnist-ddpm-tiny/{rel}": (TINY / rel).read_bytes() for rel in TINY_FILES}
+    if unet_config:
+        cfg = json.loads(members["mnist-ddpm-tiny/unet/config.json"])
+        members["mnist-ddpm-tiny/unet/config.json"] = json.dumps({**cfg, **unet_config}).encode()
     return tar_bytes(members) if kind == "tar" else zip_bytes(members)
 
 

@@ -19,11 +19,12 @@ from jobs.queue import CeleryDispatcher
 from jobs.tables import ApiKey, ForgetSet, Job, Model
 from tests.service.helpers import (
     PICKLE_PAYLOAD,
+    TINY,
     count_rows,
-    diffusers_archive,
     png_bytes,
     safetensors_bytes,
     tar_bytes,
+    tiny_model_archive,
     zip_bytes,
 )
 
@@ -132,25 +133,34 @@ def test_several_images_are_packed_into_one_archive(api, team):
     assert fs["image_count"] == 3 and fs["filename"] == "forget-set.zip"
 
 
-def test_model_upload_of_a_diffusers_archive_and_a_safetensors_file(api, team):
+def test_model_upload_of_a_pipeline_archive_with_lineage(api, team):
     team_id, headers = team
+    unet_folder = tar_bytes(
+        {
+            f"step-900/{n}": (TINY / "unet" / n).read_bytes()
+            for n in ("config.json", "diffusion_pytorch_model.safetensors")
+        }
+    )
     resp = api.client.post(
         "/v1/models",
         headers=headers,
         data={"name": "tiny"},
         files=[
-            ("file", ("pipe.tar", diffusers_archive(), "application/x-tar")),
-            ("lineage", ("step-900.safetensors", safetensors_bytes(), "application/octet-stream")),
+            ("file", ("pipe.tar", tiny_model_archive(), "application/x-tar")),
+            ("lineage", ("step-900.tar", unet_folder, "application/x-tar")),
+            ("lineage", ("step-950.safetensors", safetensors_bytes(), "application/octet-stream")),
         ],
     )
     assert resp.status_code == 201, resp.text
     model = resp.json()
     assert model["source"] == "upload" and model["format"] == "diffusers_pipeline"
-    assert model["lineage"][0]["filename"] == "step-900.safetensors"
-    resp = api.client.post("/v1/models", headers=headers, files={"file": ("unet.safetensors", safetensors_bytes())})
-    assert resp.status_code == 201 and resp.json()["format"] == "safetensors"
+    assert [x["filename"] for x in model["lineage"]] == ["step-900.tar", "step-950.safetensors"]
+    assert model["description"]["pipeline_class"] == "DDPMPipeline" and model["description"]["sample_size"] == 28
+    assert "/tmp" not in json.dumps(model)
+    zipped = api.client.post("/v1/models", headers=headers, files={"file": ("pipe.zip", tiny_model_archive("zip"))})
+    assert zipped.status_code == 201, zipped.text
     assert len(api.client.get("/v1/models", headers=headers).json()["data"]) == 2
-    assert len(snapshot(api, team_id)["files"]) == 3
+    assert len(snapshot(api, team_id)["files"]) == 4
 
 
 def test_create_job_commits_then_publishes_to_redis(api, ready):
@@ -612,6 +622,24 @@ BAD_MODELS = [
         "code",
     ),
     ("archive without a model", {"file": ("m.zip", zip_bytes({"notes.txt": b"hi"}))}, "file", "no_model"),
+    (
+        "bare safetensors without a config",
+        {"file": ("unet.safetensors", safetensors_bytes())},
+        "file",
+        "missing_config",
+    ),
+    (
+        "config of the wrong architecture",
+        {"file": ("m.tar", tiny_model_archive(unet_config={"_class_name": "UNet2DConditionModel"}))},
+        "file",
+        "unsupported_architecture",
+    ),
+    (
+        "absurd config",
+        {"file": ("m.tar", tiny_model_archive(unet_config={"sample_size": 10**9}))},
+        "file",
+        "invalid_config",
+    ),
     ("random bytes", {"file": ("m.bin2", b"\x00" * 100)}, "file", "unknown_format"),
 ]
 
@@ -621,6 +649,7 @@ def test_bad_model_uploads_are_422_and_leave_nothing(api, team, case, files, fie
     team_id, headers = team
     body = assert_problem(api.client.post("/v1/models", headers=headers, files=files), 422, field, "invalid_model")
     assert body["rule"] == rule
+    assert "/tmp" not in body["detail"] and "upl-" not in body["detail"]
     assert snapshot(api, team_id) == {
         "rows": {"forget_sets": 0, "models": 0, "jobs": 0},
         "files": [],

@@ -20,12 +20,13 @@ import httpx
 import pytest
 
 from tests.service.conftest import REDIS_URL, REPO, make_bucket
+from tests.service.helpers import tiny_model_archive
 from tests.service.stack import Proc, rss_kib, start_api, start_worker, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 TINY = REPO / "reference" / "mnist-ddpm-tiny"
 UPLOAD_LIMIT = 32 * 1024 * 1024
-FAST_PARAMS = {"steps": 3, "batch_size": 4, "anchor_weight": 0}
+FAST_PARAMS = {"steps": 3, "batch_size": 4, "anchor_weight": 0, "self_forget_fraction": 0}
 EVALUATION = {"num_samples": 8, "grid_samples": 8, "sample_steps": 4, "forget_class": 0}
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -97,19 +98,6 @@ def stack(pg_url, redis_prefix, s3_server, tmp_path_factory):
     api.stop()
     print("---- api log (tail) ----\n" + api.log()[-4000:])
     print("---- worker log (tail) ----\n" + worker.log()[-6000:])
-
-
-def tiny_model_archive() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for rel in (
-            "model_index.json",
-            "unet/config.json",
-            "unet/diffusion_pytorch_model.safetensors",
-            "scheduler/scheduler_config.json",
-        ):
-            tf.add(TINY / rel, arcname=f"mnist-ddpm-tiny/{rel}")
-    return buf.getvalue()
 
 
 def lineage_archive(step_dir: Path) -> bytes:
@@ -248,7 +236,7 @@ def test_cancelling_a_running_job_stops_it_within_seconds(stack, team_inputs):
     body = {
         "model": model_id,
         "forget_set": fs_id,
-        "params": {"steps": 2000, "batch_size": 4, "posterior": "isotropic", "anchor_weight": 0},
+        "params": {**FAST_PARAMS, "steps": 2000, "posterior": "isotropic"},
         "evaluation": {**EVALUATION, "enabled": False},
     }
     with stack.client(headers) as c:

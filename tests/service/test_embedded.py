@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from tests.service.conftest import REPO
+from tests.service.helpers import tiny_model_archive
 from tests.service.stack import Proc, free_port, wait_until
-from tests.service.test_e2e import EVALUATION, FAST_PARAMS, mnist_zip, tiny_model_archive
+from tests.service.test_e2e import EVALUATION, FAST_PARAMS, mnist_zip
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -93,6 +94,7 @@ def test_one_command_serves_the_api_and_runs_a_job_in_process(tmp_path):
         tmp_path,
     )
     try:
+
         def up():
             assert proc.alive(), proc.log()[-3000:]
             try:

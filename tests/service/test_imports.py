@@ -21,7 +21,7 @@ import api.main
 from api.keys import create_key
 from jobs.db import session_scope
 from jobs.settings import Settings
-from tests.service.helpers import make_team, zip_bytes, png_bytes, safetensors_bytes
+from tests.service.helpers import make_team, zip_bytes, png_bytes, tiny_model_archive
 
 settings = Settings()
 with TestClient(api.main.create_app(settings, configure_logs=False)) as client:
@@ -30,7 +30,7 @@ with TestClient(api.main.create_app(settings, configure_logs=False)) as client:
     h = {"Authorization": f"Bearer {key}"}
     archive = zip_bytes({"a.png": png_bytes()})
     fs = client.post("/v1/forget-sets", headers=h, files={"file": ("a.zip", archive)})
-    model = client.post("/v1/models", headers=h, files={"file": ("m.safetensors", safetensors_bytes())})
+    model = client.post("/v1/models", headers=h, files={"file": ("m.tar", tiny_model_archive())})
     job = client.post("/v1/jobs", headers=h, json={"model": model.json()["id"], "forget_set": fs.json()["id"],
                                                    "params": {"steps": 2}})
     statuses = [fs.status_code, model.status_code, job.status_code]
