@@ -74,12 +74,13 @@ def test_gamma_one_keeps_weights_near_the_posterior_mean(tiny_scheduler):
     _run(free, tiny_scheduler, gamma=0.0, lr=1e-2)
     _run(held, tiny_scheduler, gamma=1.0, lr=1e-2, posterior_sigma=1e-4)
     ref = make_tiny_unet()
-    drift = lambda m: sum(float((p - r).pow(2).sum()) for p, r in zip(m.parameters(), ref.parameters()))  # noqa: E731
+    drift = lambda m: sum(float((p - r).pow(2).sum()) for p, r in zip(m.parameters(), ref.parameters(), strict=True))  # noqa: E731
     assert drift(held) < drift(free)
 
 
-def test_default_vdu_uses_bound_and_anchors(tiny_unet, tiny_scheduler):
-    cfg = UnlearnConfig.from_dict({"steps": 3, "batch_size": 2, "posterior": "isotropic", "probe_every": 1})
+def test_vdu_ascent_variant_uses_the_bound_and_anchors(tiny_unet, tiny_scheduler):
+    cfg = UnlearnConfig.from_dict({"steps": 3, "batch_size": 2, "posterior": "isotropic", "probe_every": 1,
+                                   "plasticity_target": "ascent"})
     post = posterior.estimate(tiny_unet, tiny_scheduler, cfg)
     anchors = torch.rand(5, 1, 8, 8) * 2 - 1
     events = []
@@ -87,3 +88,28 @@ def test_default_vdu_uses_bound_and_anchors(tiny_unet, tiny_scheduler):
     assert {"plasticity_bounded", "function_space", "stability"} <= set(events[-1].losses)
     with pytest.raises(ValueError):
         loop.unlearn(tiny_unet, tiny_scheduler, _forget(), cfg, post, anchors=None)
+
+
+def test_default_vdu_redirects_with_negative_guidance(tiny_unet, tiny_scheduler):
+    cfg = UnlearnConfig.from_dict({"steps": 3, "batch_size": 2, "posterior": "isotropic", "probe_every": 1})
+    assert cfg.plasticity_target == "negative_guidance"
+    post = posterior.estimate(tiny_unet, tiny_scheduler, cfg)
+    events = []
+    loop.unlearn(tiny_unet, tiny_scheduler, _forget(), cfg, post, anchors=torch.rand(5, 1, 8, 8) * 2 - 1,
+                 on_progress=events.append)
+    assert {"redirect", "plasticity", "function_space", "stability"} <= set(events[-1].losses)
+
+
+def test_empirical_forget_eps_by_hand(tiny_scheduler):
+    from vdu_core.methods import empirical_forget_eps
+
+    # One forget image: the posterior mean is that image, so ε_F is the exact noise that produced x_t.
+    f = torch.rand(1, 1, 4, 4) * 2 - 1
+    noise = torch.randn(3, 1, 4, 4)
+    t = torch.tensor([5, 50, 90])
+    x_t = tiny_scheduler.add_noise(f.expand(3, -1, -1, -1), noise, t)
+    torch.testing.assert_close(empirical_forget_eps(x_t, t, f, tiny_scheduler), noise, rtol=1e-4, atol=1e-4)
+    # Two far-apart images, low noise: the nearer one wins.
+    g = -f
+    eps = empirical_forget_eps(x_t[:1], t[:1], torch.cat([f, g]), tiny_scheduler)
+    torch.testing.assert_close(eps, noise[:1], rtol=1e-3, atol=1e-3)

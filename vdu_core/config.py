@@ -148,6 +148,12 @@ class UnlearnConfig(_Validated):
         3.0, gt=1.0,
         doc="per sample, push the forget loss to at most this multiple of the original model's (null: unbounded)",
     )
+    plasticity_target: Literal["ascent", "negative_guidance"] = _spec(
+        "negative_guidance",
+        doc="vdu: 'ascent' raises the forget loss (bounded); 'negative_guidance' regresses the denoiser on "
+            "forget inputs to the original's prediction guided away from the forget set's empirical score",
+    )
+    guidance_scale: float = _spec(1.0, gt=0.0, le=100.0, doc="η of the negative guidance target")
     anchor_weight: float = _spec(1.0, ge=0.0, le=1e6, doc="λ of the function-space term (0: off)")
     anchor_samples: int = _spec(512, ge=0, le=100000, doc="own samples of the original model used as anchors")
     anchor_exclude_fraction: float = _spec(
@@ -169,9 +175,10 @@ class UnlearnConfig(_Validated):
     #: paper objective and gradient ascent have neither the bound nor the function-space term.
     method_defaults: typing.ClassVar[dict[str, dict[str, Any]]] = {
         "vdu": {},
-        "vdu_paper": {"plasticity_bound": None, "anchor_weight": 0.0, "self_forget_fraction": 0.0},
+        "vdu_paper": {"plasticity_bound": None, "anchor_weight": 0.0, "self_forget_fraction": 0.0,
+                      "plasticity_target": "ascent"},
         "gradient_ascent": {"gamma": 0.0, "plasticity_bound": None, "anchor_weight": 0.0,
-                            "self_forget_fraction": 0.0},
+                            "self_forget_fraction": 0.0, "plasticity_target": "ascent"},
     }
 
     def validate(self, *, prefix: str = "params") -> None:
@@ -183,6 +190,9 @@ class UnlearnConfig(_Validated):
             if self.plasticity_bound is not None:
                 raise ConfigError(f"plasticity_bound is a term of method 'vdu' only, not {self.method!r}",
                                   field=f"{prefix}.plasticity_bound")
+            if self.plasticity_target != "ascent":
+                raise ConfigError(f"method {self.method!r} raises the forget loss: plasticity_target must be "
+                                  "'ascent'", field=f"{prefix}.plasticity_target")
             if self.self_forget_fraction != 0.0:
                 raise ConfigError(f"self_forget_fraction is a part of method 'vdu' only, not {self.method!r}",
                                   field=f"{prefix}.self_forget_fraction")

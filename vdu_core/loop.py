@@ -139,6 +139,7 @@ def unlearn(
     if method.needs_anchors and (anchors is None or len(anchors) == 0):
         raise ValueError(f"method {config.method!r} with anchor_weight > 0 needs anchor samples")
     ctx = Context(unet, scheduler, config, device, g, anchors.to(device) if anchors is not None else None)
+    ctx.forget_images = forget
     if method.needs_original:
         _ = ctx.original  # freeze a copy before the first update
     names, params = trainable(unet)

@@ -96,13 +96,15 @@ class GradientAscent(UnlearningMethod):
 
 @register
 class VDU(UnlearningMethod):
-    """The product default: VDU with a bounded plasticity and a function-space stability term.
+    """The product default: VDU with a bounded plasticity target and a function-space stability term.
 
-    L = γ · stability − (1−γ) · plasticity_bounded + λ · function_space
+    L = γ · stability + (1−γ) · plasticity_target + λ · function_space
 
-    * plasticity_bounded: per sample, min(‖ε − ε_θ‖², b · ‖ε − ε_θ₀‖²) with θ₀ the original model on the
-      same noised input — the forget loss is pushed up to ``plasticity_bound`` times the original's
-      and no further, so the ascent cannot run away.
+    * plasticity_target, ``negative_guidance`` (default): on noised forget inputs, regress ε_θ to
+      ε_θ₀ − η (ε_F − ε_θ₀), where ε_F is the exact denoiser of the forget set's empirical distribution
+      (``empirical_forget_eps``): the original model guided away from the forget set, as ESD does with a
+      text condition. A regression, so it cannot run away. ``ascent``: the paper's −‖ε − ε_θ‖², per
+      sample capped at ``plasticity_bound`` × the original's loss on the same input.
     * function_space: ‖ε_θ(a_t,t) − ε_θ₀(a_t,t)‖² on the original model's own samples ``a`` (those
       nearest the forget set left out), weight λ = ``anchor_weight``: keeps everything else the model
       generates where it was — the function-space inference the paper names as its next step.
@@ -118,26 +120,54 @@ class VDU(UnlearningMethod):
     def compute(self, ctx, batch: ForgetBatch) -> Terms:
         cfg = self.config
         gamma = cfg.gamma
-        per, plast = _plasticity(ctx, batch)
+        pred = ctx.unet(batch.x_t, batch.t).sample
+        per = per_sample_mse(pred, batch.noise)
+        plast = plasticity_term(per, batch.weights)
         report = {"plasticity": float(plast.detach())}
-        if cfg.plasticity_bound is not None:
+        if cfg.plasticity_target == "negative_guidance":
+            with torch.no_grad():
+                eps0 = ctx.original(batch.x_t, batch.t).sample.float()
+                eps_f = empirical_forget_eps(batch.x_t, batch.t, ctx.forget_images, ctx.scheduler).float()
+                target = eps0 - cfg.guidance_scale * (eps_f - eps0)
+            redirect = plasticity_term(per_sample_mse(pred, target), batch.weights)
+            loss = (1.0 - gamma) * redirect
+            report["redirect"] = float(redirect.detach())
+        elif cfg.plasticity_bound is not None:
             with torch.no_grad():
                 ref = per_sample_mse(ctx.original(batch.x_t, batch.t).sample, batch.noise)
-            bounded = torch.minimum(per, cfg.plasticity_bound * ref)
-            plast_used = plasticity_term(bounded, batch.weights)
-            report["plasticity_bounded"] = float(plast_used)
-            report["plasticity_ratio_to_original"] = float(per.mean() / ref.mean().clamp_min(1e-12))
+            bounded = plasticity_term(torch.minimum(per, cfg.plasticity_bound * ref), batch.weights)
+            loss = -(1.0 - gamma) * bounded
+            report["plasticity_bounded"] = float(bounded.detach())
         else:
-            plast_used = plast
-        loss = -(1.0 - gamma) * plast_used
+            loss = -(1.0 - gamma) * plast
         if self.needs_anchors:
             a_t, a_time, _ = ctx.anchor_batch()
             with torch.no_grad():
-                target = ctx.original(a_t, a_time).sample
-            fs = per_sample_mse(ctx.unet(a_t, a_time).sample, target).mean()
+                a_target = ctx.original(a_t, a_time).sample
+            fs = per_sample_mse(ctx.unet(a_t, a_time).sample, a_target).mean()
             loss = loss + cfg.anchor_weight * fs
-            report["function_space"] = float(fs)
+            report["function_space"] = float(fs.detach())
         return Terms(loss, gamma, report)
+
+
+def empirical_forget_eps(x_t: torch.Tensor, t: torch.Tensor, forget: torch.Tensor, scheduler) -> torch.Tensor:
+    """ε of the forget set's empirical distribution: the exact denoiser if the data were only ``forget``.
+
+    With x_t = √ᾱ x0 + √(1−ᾱ) ε and x0 uniform over the forget images f_j, the posterior over j is
+    softmax_j(−‖x_t − √ᾱ f_j‖² / (2(1−ᾱ))), E[x0 | x_t] = Σ_j w_j f_j and
+    ε_F = (x_t − √ᾱ E[x0 | x_t]) / √(1−ᾱ). Guiding the original's ε away from ε_F (as ESD does with a
+    text condition) removes the forget set's pull on the sampler without raising any loss unboundedly.
+    """
+    ac = scheduler.alphas_cumprod.to(x_t.device)[t].float().view(-1, 1)
+    xf = x_t.float().flatten(1)
+    ff = forget.float().flatten(1).to(x_t.device)
+    sq = ac.sqrt()
+    # ‖x_t − √ᾱ f_j‖² = ‖x_t‖² − 2√ᾱ x_t·f_j + ᾱ‖f_j‖²
+    dist2 = (xf.pow(2).sum(1, keepdim=True) - 2 * sq * (xf @ ff.T) + ac * ff.pow(2).sum(1).view(1, -1))
+    w = torch.softmax(-dist2 / (2 * (1 - ac)).clamp_min(1e-8), dim=1)
+    x0 = w @ ff
+    eps = (xf - sq * x0) / (1 - ac).clamp_min(1e-8).sqrt()
+    return eps.view_as(x_t)
 
 
 assert set(REGISTRY) == set(METHOD_NAMES), "config.METHOD_NAMES and the registry must agree"
