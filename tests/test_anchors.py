@@ -29,3 +29,13 @@ def test_build_anchors_drops_the_share_nearest_the_forget_set(tiny_unet, tiny_sc
     assert float(d_kept.min()) >= float(torch.sort(d_all).values[2]) - 1e-6
     d_self = nearest_forget_distance(self_forget, forget)
     assert float(d_self.max()) <= float(torch.sort(d_all).values[1]) + 1e-6
+
+
+def test_anchor_sampling_can_be_cancelled(tiny_unet, tiny_scheduler):
+    import pytest
+
+    from vdu_core.errors import Cancelled
+
+    with pytest.raises(Cancelled):
+        build_anchors(tiny_unet, tiny_scheduler, torch.zeros(1, 1, 8, 8), n=8, exclude_fraction=0.2, seed=0,
+                      steps=2, batch_size=4, should_cancel=lambda: True)

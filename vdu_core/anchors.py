@@ -11,6 +11,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vdu_core.errors import Cancelled
+
+
+def cancel_check(should_cancel, what: str):
+    """An ``on_batch`` callback for ``sample_images`` that raises ``Cancelled`` between batches."""
+    if should_cancel is None:
+        return None
+
+    def check(done: int, total: int) -> None:
+        if should_cancel():
+            raise Cancelled(f"cancelled while {what} ({done}/{total})")
+
+    return check
+
 
 def _pooled(x: torch.Tensor) -> torch.Tensor:
     k = 4 if min(x.shape[-2:]) >= 16 else 1
@@ -24,7 +38,7 @@ def nearest_forget_distance(samples: torch.Tensor, forget: torch.Tensor) -> torc
 
 def build_anchors(unet, scheduler, forget: torch.Tensor, n: int, exclude_fraction: float, seed: int,
                   steps: int = 25, batch_size: int = 64, self_forget_fraction: float = 0.0,
-                  ) -> tuple[torch.Tensor, dict, torch.Tensor]:
+                  should_cancel=None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """Sample ``n`` images from ``unet`` (DDIM ``steps``) and split them by distance to the forget set.
 
     Returns (anchors, info, self_forget): the anchors leave out the ``exclude_fraction`` nearest the
@@ -34,7 +48,8 @@ def build_anchors(unet, scheduler, forget: torch.Tensor, n: int, exclude_fractio
     """
     from vdu_core.sampling import sample_images
 
-    samples = sample_images(unet, scheduler, n, seed=seed, steps=steps, batch_size=batch_size)
+    samples = sample_images(unet, scheduler, n, seed=seed, steps=steps, batch_size=batch_size,
+                            on_batch=cancel_check(should_cancel, "drawing anchor samples"))
     dist = nearest_forget_distance(samples, forget)
     keep = max(1, int(round(n * (1.0 - exclude_fraction))))
     order = torch.argsort(dist, descending=True)

@@ -162,10 +162,12 @@ def from_checkpoints(unet: torch.nn.Module, states: Sequence[dict[str, torch.Ten
     return Posterior(names, mu, var, "lineage", {"checkpoints": len(all_states), "floor": floor})
 
 
-def _own_samples(unet, scheduler, n: int, seed: int, steps: int = 25) -> torch.Tensor:
+def _own_samples(unet, scheduler, n: int, seed: int, should_cancel=None, steps: int = 25) -> torch.Tensor:
+    from vdu_core.anchors import cancel_check
     from vdu_core.sampling import sample_images
 
-    return sample_images(unet, scheduler, n, seed=seed, steps=steps)
+    return sample_images(unet, scheduler, n, seed=seed, steps=steps,
+                         on_batch=cancel_check(should_cancel, "sampling for the posterior"))
 
 
 def _denoise_loss_per_sample(unet, scheduler, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -186,7 +188,7 @@ def from_self_snapshots(unet, scheduler, config: UnlearnConfig, floor: float, on
                         should_cancel=None, snapshots: int = 5) -> Posterior:
     """Continue training a copy on the model's own samples; snapshots act as a lineage."""
     names, params = trainable(unet)
-    data = _own_samples(unet, scheduler, config.posterior_samples, config.seed)
+    data = _own_samples(unet, scheduler, config.posterior_samples, config.seed, should_cancel)
     model = copy.deepcopy(unet).train()
     mnames, mparams = trainable(model)
     opt = torch.optim.Adam(mparams, lr=config.lr)
@@ -226,7 +228,7 @@ def from_fisher(unet, scheduler, config: UnlearnConfig, on_progress=None, should
     """
     names, params = trainable(unet)
     n = config.posterior_samples
-    data = _own_samples(unet, scheduler, n, config.seed)
+    data = _own_samples(unet, scheduler, n, config.seed, should_cancel)
     g = torch.Generator().manual_seed(config.seed + 2)
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     was_training = unet.training

@@ -159,7 +159,7 @@ def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, line
                                  phase="anchors"))
         anchor_set, anchor_info, self_forget = anchors_mod.build_anchors(
             unet, scheduler, forget_images, config.anchor_samples, config.anchor_exclude_fraction, config.seed,
-            self_forget_fraction=config.self_forget_fraction)
+            self_forget_fraction=config.self_forget_fraction, should_cancel=should_cancel)
         if len(self_forget):
             forget_all = torch.cat([forget_images, self_forget.to(forget_images.device)])
         if config.anchor_weight == 0:
