@@ -113,3 +113,25 @@ def test_empirical_forget_eps_by_hand(tiny_scheduler):
     g = -f
     eps = empirical_forget_eps(x_t[:1], t[:1], torch.cat([f, g]), tiny_scheduler)
     torch.testing.assert_close(eps, noise[:1], rtol=1e-3, atol=1e-3)
+
+
+def test_guard_rolls_back_and_stops_when_retained_samples_drift(tiny_unet, tiny_scheduler):
+    from tests.conftest import make_tiny_unet
+
+    cfg = UnlearnConfig.from_dict({"method": "gradient_ascent", "steps": 30, "batch_size": 4, "lr": 5e-2,
+                                   "guard_every": 5, "guard_samples": 8, "guard_sample_steps": 2,
+                                   "guard_max_drift": 1e-6})
+    report = loop.unlearn(tiny_unet, tiny_scheduler, _forget(), cfg, None)
+    assert report.stopped_by == "guard" and report.steps_run == 5
+    assert report.guard["checks"][0]["ok"] is False
+    # rolled back to the last state within the limit: the original weights
+    for p, r in zip(tiny_unet.parameters(), make_tiny_unet().parameters(), strict=True):
+        torch.testing.assert_close(p, r)
+
+
+def test_guard_lets_a_gentle_run_finish(tiny_unet, tiny_scheduler):
+    cfg = UnlearnConfig.from_dict({"method": "gradient_ascent", "steps": 4, "batch_size": 2, "lr": 1e-7,
+                                   "guard_every": 2, "guard_samples": 4, "guard_sample_steps": 2,
+                                   "guard_max_drift": 10.0})
+    report = loop.unlearn(tiny_unet, tiny_scheduler, _forget(), cfg, None)
+    assert report.stopped_by == "max_steps" and len(report.guard["checks"]) == 2

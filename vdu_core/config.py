@@ -153,7 +153,7 @@ class UnlearnConfig(_Validated):
         doc="vdu: 'ascent' raises the forget loss (bounded); 'negative_guidance' regresses the denoiser on "
             "forget inputs to the original's prediction guided away from the forget set's empirical score",
     )
-    guidance_scale: float = _spec(1.0, gt=0.0, le=100.0, doc="η of the negative guidance target")
+    guidance_scale: float = _spec(5.0, gt=0.0, le=100.0, doc="η of the negative guidance target")
     anchor_weight: float = _spec(1.0, ge=0.0, le=1e6, doc="λ of the function-space term (0: off)")
     anchor_samples: int = _spec(512, ge=0, le=100000, doc="own samples of the original model used as anchors")
     anchor_exclude_fraction: float = _spec(
@@ -162,6 +162,12 @@ class UnlearnConfig(_Validated):
     self_forget_fraction: float = _spec(
         0.1, ge=0.0, lt=1.0,
         doc="share of the original's own samples nearest the forget set added to the forget set (vdu only)",
+    )
+    guard_every: int = _spec(0, ge=0, doc="steps between guard checks of a fixed-seed sample (0: off)")
+    guard_samples: int = _spec(64, ge=4, le=4096, doc="fixed-seed samples the guard watches")
+    guard_sample_steps: int = _spec(10, ge=2, le=1000, doc="DDIM steps of the guard's samples")
+    guard_max_drift: float = _spec(
+        0.35, gt=0.0, doc="roll back and stop once retained samples move more than this (see vdu_core.guard)"
     )
     probe_every: int = _spec(10, ge=1, doc="steps between measurements of the forget-set loss ratio")
     target_loss_ratio: float | None = _spec(

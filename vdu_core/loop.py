@@ -51,6 +51,7 @@ class UnlearnReport:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    guard: dict | None = None
 
     @property
     def forget_loss_ratio(self) -> float:
@@ -153,6 +154,11 @@ def unlearn(
     probe = Probe(probe_src, scheduler, ctx.t_min, ctx.t_max, config.seed)
     p0 = probe.loss(unet)
     ratio = 1.0
+    guard = None
+    if config.guard_every > 0:
+        from vdu_core.guard import Guard
+
+        guard = Guard(unet, scheduler, probe_src, config)
     amp = autocast_dtype(config, device)
     unet.train()
     history: list[dict] = []
@@ -191,7 +197,15 @@ def unlearn(
         if config.target_loss_ratio is not None and ratio >= config.target_loss_ratio:
             stopped_by = "target_loss_ratio"
             break
+        if guard is not None and (step % config.guard_every == 0 or step == config.steps):
+            ok, measured = guard.check(unet, step)
+            history[-1]["guard"] = measured
+            if not ok:
+                guard.rollback(unet)
+                stopped_by = "guard"
+                break
     unet.eval()
     final = probe.loss(unet)
     return UnlearnReport(steps_run=step, stopped_by=stopped_by, initial_probe_loss=p0, final_probe_loss=final,
-                         history=history, seconds=time.time() - t_start, device=str(device))
+                         history=history, seconds=time.time() - t_start, device=str(device),
+                         guard=guard.summary() if guard is not None else None)

@@ -207,6 +207,7 @@ def _evaluate_and_write(tmp, original, unet, scheduler, forget_images, config, e
         "implementation": "denoising MSE on a fixed probe (<=32 forget images x 8 timesteps, fixed noise), "
                           "after / before",
         "train_seconds": round(report.seconds, 2),
+        "guard": report.guard,
         "device": report.device,
     }
     collapsed = bool(metrics.get("collapse", {}).get("value", False))
