@@ -15,7 +15,7 @@ from vdu_core.reference import RECIPES, REFERENCE_DIR, train_classifier, train_d
 
 
 def main(argv: list[str]) -> None:
-    names = argv or ["classifier", "mnist-ddpm-tiny", "mnist-ddpm"]
+    names = argv or ["classifier", "mnist-ddpm-tiny", "mnist-ddpm-base", "mnist-ddpm"]
     for name in names:
         out = REFERENCE_DIR / name
         if (out / "training.json").exists():
