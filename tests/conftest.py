@@ -12,15 +12,17 @@ import pytest  # noqa: E402
 from vdu_core.reference import REFERENCE_DIR  # noqa: E402
 
 
-def make_tiny_unet(seed: int = 0, sample_size: int = 8, channels: int = 1):
+def make_tiny_unet(seed: int = 0, sample_size: int = 8, channels: int = 1, attention: bool = False):
+    """A two-block UNet2DModel under a fixed seed (``attention``: the lower block attends)."""
     import torch
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D" if attention else "DownBlock2D"),
+        up_block_types=("AttnUpBlock2D" if attention else "UpBlock2D", "UpBlock2D"), norm_num_groups=4,
     )
 
 

@@ -17,6 +17,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from tests.conftest import make_tiny_unet
 from vdu_core.classifier import DigitClassifier
 from vdu_core.config import EvalConfig
 from vdu_core.errors import ConfigError
@@ -47,17 +48,7 @@ HAS_BUILTIN = (REFERENCE_DIR / "classifier" / "model.safetensors").is_file()
 
 
 def dummy_unet(sample_size: int = 16, seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    return make_tiny_unet(seed=seed, sample_size=sample_size, attention=True)
 
 
 def dummy_scheduler() -> DDPMScheduler:

@@ -8,21 +8,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from tests.conftest import make_tiny_unet
 from vdu_core.sampling import initial_noise, sample_images, sample_seed, save_grid, side_by_side
 
 
 def dummy_unet(sample_size: int = 8, seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    return make_tiny_unet(seed=seed, sample_size=sample_size, attention=True)
 
 
 @pytest.fixture(scope="module")
