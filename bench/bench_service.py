@@ -36,7 +36,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
+
+from tests.service.stack import Proc, free_port, proc_status, wait_until  # noqa: E402
 
 TINY = REPO / "reference" / "mnist-ddpm-tiny"
 MODEL_FILES = (
@@ -82,77 +83,7 @@ def short_job() -> dict:
 NO_EVAL = {"enabled": False}
 
 
-# --- processes ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-class Proc:
-    """A subprocess in its own process group, its output in a log file; stopped by group."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def check(self) -> None:
-        if not self.alive():
-            raise RuntimeError(f"{self.name} exited ({self.popen.returncode}):\n{self.log()[-3000:]}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.alive():
-            try:
-                os.killpg(self.popen.pid, signal.SIGTERM)
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.popen.wait(5)
-            except ProcessLookupError:
-                pass
-        else:  # the leader is gone: its group may not be
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        self._log.close()
-
-
-def proc_status(pid: int, field: str) -> int:
-    """A kB field of /proc/PID/status (VmRSS, VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} for {pid}")
-
-
+# --- processes (free_port, wait_until, Proc, proc_status: tests/service/stack.py) -------------
 def reset_peak_rss(pid: int) -> bool:
     """Reset the kernel's high-water mark (VmHWM) to the current RSS (Linux >= 4.0)."""
     try:
@@ -247,14 +178,14 @@ class Stack:
             )
             self.redis_url = f"redis://127.0.0.1:{port}/0"
             self.private_redis = True
-            wait_for(lambda: redis_proc.check() or _redis_ping(self.redis_url), 20, "redis-server")
+            wait_until(lambda: redis_proc.check() or _redis_ping(self.redis_url), 20, interval=0.1, what="redis-server")
         else:
             assert _redis_ping(self.redis_url), f"no Redis at {self.redis_url}"
 
         s3_port = free_port()
         s3 = self.start("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)], base_env)
         endpoint = f"http://127.0.0.1:{s3_port}"
-        wait_for(lambda: s3.check() or _http_ok(endpoint + "/moto-api/"), 60, "the S3 server")
+        wait_until(lambda: s3.check() or _http_ok(endpoint + "/moto-api/"), 60, interval=0.1, what="the S3 server")
         bucket = "vdu-bench"
         _s3_client(endpoint).create_bucket(Bucket=bucket)
 
@@ -297,7 +228,7 @@ class Stack:
             "api", [self.args.api_python, "-m", "api.serve", "--host", "127.0.0.1", "--port", str(port)]
         )
         self.base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: self.api.check() or _http_ok(self.base + "/livez"), 90, "the API")
+        wait_until(lambda: self.api.check() or _http_ok(self.base + "/livez"), 90, interval=0.1, what="the API")
         self.timings["API up (/livez)"] = time.perf_counter() - t0
         probe = "import importlib.util as u; print(*(m for m in ('httptools', 'uvloop') if u.find_spec(m)))"
         extras = subprocess.run([self.args.api_python, "-c", probe], capture_output=True, text=True, timeout=30)
@@ -306,9 +237,11 @@ class Stack:
         t0 = time.perf_counter()
         worker_env = {**self.env, "OMP_NUM_THREADS": str(self.args.worker_threads)}
         self.worker = self.start("worker", [sys.executable, "-m", "worker.cli"], worker_env)
-        wait_for(lambda: self.worker.check() or " ready." in self.worker.log(), 120, "the Celery worker")
+        wait_until(
+            lambda: self.worker.check() or " ready." in self.worker.log(), 120, interval=0.1, what="the Celery worker"
+        )
         self.timings["worker ready"] = time.perf_counter() - t0
-        wait_for(lambda: _http_ok(self.base + "/readyz"), 30, "/readyz")
+        wait_until(lambda: _http_ok(self.base + "/readyz"), 30, interval=0.1, what="/readyz")
 
     def admin(self, *argv: str) -> str:
         out = subprocess.run(
@@ -325,7 +258,7 @@ class Stack:
     def down(self) -> None:
         for proc in reversed(self.procs):
             try:
-                proc.stop()
+                proc.stop(20.0)
             except Exception as exc:  # keep cleaning
                 print(f"warning: stopping {proc.name}: {exc}", file=sys.stderr)
         if self.args.keep_logs:
@@ -473,7 +406,7 @@ class Bench:
                 raise RuntimeError(f"job {job_id} failed: {job['error']}\n{self.stack.worker.log()[-3000:]}")
             return job if until(job) else None
 
-        return wait_for(check, timeout, what, interval=0.25)
+        return wait_until(check, timeout, interval=0.25, what=what)
 
     def cancel(self, job_id: str, timeout: float = 180) -> tuple[dict, float]:
         t0 = time.perf_counter()

@@ -29,7 +29,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _forget_zip(digit: int, count: int) -> bytes:
+def forget_zip(digit: int, count: int) -> bytes:
+    """A zip of the first ``count`` real MNIST images of ``digit`` as PNGs (the service tests use it too)."""
     import numpy as np
     from PIL import Image
 
@@ -108,7 +109,7 @@ def run_demo(args) -> int:
         )
         fs = client.post(
             "/v1/forget-sets",
-            files={"file": (f"digit{args.digit}.zip", _forget_zip(args.digit, args.count))},
+            files={"file": (f"digit{args.digit}.zip", forget_zip(args.digit, args.count))},
             data={"name": f"MNIST digit {args.digit}"},
         )
         fs.raise_for_status()

@@ -1,4 +1,8 @@
-"""Real processes for end-to-end tests: the API under uvicorn and a Celery worker, as subprocesses."""
+"""Real processes for end-to-end tests: the API under uvicorn and a Celery worker, as subprocesses.
+
+Also the home of the real-process helpers of ``bench/bench_service.py`` (free ports, waiting,
+process groups, /proc readings); this module imports nothing from the test suite.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.service.conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -33,7 +37,7 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
 
 
 class Proc:
-    """A subprocess in its own process group with its output in a log file."""
+    """A subprocess in its own process group, its output in a log file; stopped by group."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
         self.name = name
@@ -53,17 +57,28 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def check(self) -> None:
+        if not self.alive():
+            raise RuntimeError(f"{self.name} exited ({self.popen.returncode}):\n{self.log()[-3000:]}")
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.alive():
             try:
                 os.killpg(self.popen.pid, signal.SIGTERM)
                 self.popen.wait(timeout)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+            except subprocess.TimeoutExpired:
                 try:
                     os.killpg(self.popen.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 self.popen.wait(5)
+            except ProcessLookupError:
+                pass
+        else:  # the leader is gone: its group may not be
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self._log.close()
 
 
@@ -114,15 +129,13 @@ def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> Pr
     return proc
 
 
-def peak_rss_kib(pid: int) -> int:
+def proc_status(pid: int, field: str) -> int:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
+    raise RuntimeError(f"no {field} for {pid}")
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    return proc_status(pid, "VmRSS")

@@ -237,14 +237,9 @@ def test_cancel_and_events(api, ready):
     assert_problem(api.client.get(f"/v1/jobs/{job_id}/artifacts", headers=headers), 409, "status")
 
 
-def _succeeded_job_with_artifacts(api, team_id, model_id, fs_id, tmp_path) -> tuple[str, bytes]:
-    """Drive a job through the ledger by hand (no worker) and publish artifacts like the worker does."""
-    out = tmp_path / "out"
-    (out / "samples").mkdir(parents=True)
-    (out / "samples" / "before.png").write_bytes(png_bytes(1))
-    (out / "metrics.json").write_text('{"pul": 0.1}')
-    payload = bytes(range(256)) * 40
-    (out / "checkpoint.tar").write_bytes(payload)
+def _claimed_job_with_published(api, team_id, model_id, fs_id, out) -> tuple[str, dict]:
+    """A job created and claimed in the ledger by hand (no worker), ``out`` published under its prefix
+    like the worker does; returns the job id and the ``files`` of its artifacts record."""
     with session_scope(api.settings) as s:
         job = ledger.create_job(
             s,
@@ -267,6 +262,18 @@ def _succeeded_job_with_artifacts(api, team_id, model_id, fs_id, tmp_path) -> tu
         }
         for rel, key in keys.items()
     }
+    return job_id, files
+
+
+def _succeeded_job_with_artifacts(api, team_id, model_id, fs_id, tmp_path) -> tuple[str, bytes]:
+    """Drive a job through the ledger by hand (no worker) and publish artifacts like the worker does."""
+    out = tmp_path / "out"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "before.png").write_bytes(png_bytes(1))
+    (out / "metrics.json").write_text('{"pul": 0.1}')
+    payload = bytes(range(256)) * 40
+    (out / "checkpoint.tar").write_bytes(payload)
+    job_id, files = _claimed_job_with_published(api, team_id, model_id, fs_id, out)
     with session_scope(api.settings) as s:
         ledger.succeed(s, job_id, "w", metrics={"pul": 0.1}, artifacts={"files": files, "checkpoint": "checkpoint.tar"})
     return job_id, payload
@@ -701,28 +708,7 @@ def test_a_failed_job_serves_its_evidence_but_no_checkpoint(api, ready, tmp_path
     out = tmp_path / "evidence"
     (out / "samples").mkdir(parents=True)
     (out / "samples" / "after.png").write_bytes(png_bytes(2))
-    with session_scope(api.settings) as s:
-        job = ledger.create_job(
-            s,
-            team_id=team_id,
-            model_id=model_id,
-            forget_set_id=fs_id,
-            method="vdu",
-            params={},
-            evaluation={},
-            max_attempts=1,
-        )
-        ledger.claim(s, job.id, "w", 30)
-        job_id = job.id
-    keys = api.storage.publish_dir(out, f"teams/{team_id}/jobs/{job_id}")
-    files = {
-        rel: {
-            "key": k,
-            "size": (out / rel).stat().st_size,
-            "sha256": hashlib.sha256((out / rel).read_bytes()).hexdigest(),
-        }
-        for rel, k in keys.items()
-    }
+    job_id, files = _claimed_job_with_published(api, team_id, model_id, fs_id, out)
     with session_scope(api.settings) as s:
         ledger.fail(
             s, job_id, "w", code="model_collapsed", message="collapsed", artifacts={"files": files, "checkpoint": None}

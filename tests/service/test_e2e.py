@@ -12,7 +12,6 @@ import sys
 import tarfile
 import threading
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 from tests.service.conftest import REDIS_URL, REPO, make_bucket
 from tests.service.helpers import tiny_model_archive
 from tests.service.stack import Proc, rss_kib, start_api, start_worker, wait_until
+from worker.demo import forget_zip
 
 pytestmark = pytest.mark.timeout(300)
 TINY = REPO / "reference" / "mnist-ddpm-tiny"
@@ -108,24 +108,6 @@ def lineage_archive(step_dir: Path) -> bytes:
     return buf.getvalue()
 
 
-def mnist_zip(digit: int, count: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    from vdu_core.reference import load_mnist_5k
-
-    images, labels = load_mnist_5k()
-    idx = (labels == digit).nonzero().flatten()[:count].tolist()
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for i in idx:
-            arr = ((images[i, 0].numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-            png = io.BytesIO()
-            Image.fromarray(arr).save(png, format="PNG")
-            zf.writestr(f"zero_{i:04d}.png", png.getvalue())
-    return buf.getvalue()
-
-
 def poll(client: httpx.Client, job_id: str, until, timeout: float) -> tuple[dict, list[str]]:
     seen: list[str] = []
 
@@ -149,7 +131,7 @@ def team_inputs(stack):
         assert model.status_code == 201, model.text
         fs = c.post(
             "/v1/forget-sets",
-            files={"file": ("zeros.zip", mnist_zip(0, 8), "application/zip")},
+            files={"file": ("zeros.zip", forget_zip(0, 8), "application/zip")},
             data={"name": "the digit zero"},
         )
         assert fs.status_code == 201, fs.text

@@ -13,7 +13,8 @@ import pytest
 from tests.service.conftest import REPO
 from tests.service.helpers import tiny_model_archive
 from tests.service.stack import Proc, free_port, wait_until
-from tests.service.test_e2e import EVALUATION, FAST_PARAMS, mnist_zip
+from tests.service.test_e2e import EVALUATION, FAST_PARAMS
+from worker.demo import forget_zip
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -58,7 +59,7 @@ def test_one_command_serves_the_api_and_runs_a_job_in_process(tmp_path):
 
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
             model = c.post("/v1/models", files={"file": ("tiny.tar", tiny_model_archive())}).json()
-            fs = c.post("/v1/forget-sets", files={"file": ("zeros.zip", mnist_zip(0, 8))}).json()
+            fs = c.post("/v1/forget-sets", files={"file": ("zeros.zip", forget_zip(0, 8))}).json()
             job = c.post(
                 "/v1/jobs",
                 json={
