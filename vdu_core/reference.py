@@ -43,6 +43,25 @@ def load_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(labels)
 
 
+def forget_zip_bytes(digit: int, count: int, offset: int = 0) -> bytes:
+    """A zip of ``count`` real MNIST digits of class ``digit`` (from ``offset``) as PNG files."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    images, labels = load_mnist_5k()
+    idx = (labels == digit).nonzero().flatten()[offset : offset + count].tolist()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i in idx:
+            arr = ((images[i, 0].numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+            png = io.BytesIO()
+            Image.fromarray(arr).save(png, format="PNG")
+            zf.writestr(f"digit{digit}_{i:04d}.png", png.getvalue())
+    return buf.getvalue()
+
+
 def split_indices(labels: torch.Tensor, holdout_per_class: int = 50, seed: int = 0) -> tuple[list, list]:
     """A fixed split: ``holdout_per_class`` digits of each class held out for classifier accuracy."""
     g = torch.Generator().manual_seed(seed)

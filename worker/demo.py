@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,21 +30,9 @@ def _free_port() -> int:
 
 def forget_zip(digit: int, count: int) -> bytes:
     """A zip of the first ``count`` real MNIST images of ``digit`` as PNGs (the service tests use it too)."""
-    import numpy as np
-    from PIL import Image
+    from vdu_core.reference import forget_zip_bytes
 
-    from vdu_core.reference import load_mnist_5k
-
-    images, labels = load_mnist_5k()
-    idx = (labels == digit).nonzero().flatten()[:count].tolist()
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for i in idx:
-            arr = ((images[i, 0].numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-            png = io.BytesIO()
-            Image.fromarray(arr).save(png, format="PNG")
-            zf.writestr(f"digit{digit}_{i:04d}.png", png.getvalue())
-    return buf.getvalue()
+    return forget_zip_bytes(digit, count)
 
 
 def _model_archive(folder: Path) -> bytes:
