@@ -118,10 +118,14 @@ def main(argv=None) -> None:
             row = {"digit": k, "method": method, "pul": p, "u_fid_orig": fid_b, "u_fid_unl": fid_a,
                    "retained_kept": rk, "largest_share": share["value"], "largest_class": share["class"],
                    "forget_ratio": report.forget_loss_ratio, "steps": report.steps_run, "secs": secs,
-                   "collapsed": col["value"], "meets_floors": ok,
+                   "collapsed": col["value"], "meets_floors": ok, "stopped_by": report.stopped_by,
+                   "guard": (report.guard or {}).get("checks", []),
                    "params": {k2: v for k2, v in params.items() if k2 != "method"}}
             rows.append(row)
             print(fmt_row(row), flush=True)
+            for g in row["guard"]:
+                print(f"    guard step {g['step']}: retained drift {g['retained_drift']:.3f}, "
+                      f"forget-like drift {g['forget_like_drift']:.3f}", flush=True)
 
     table = render(rows, args, model_dir, hist_b)
     print("\n" + table)
