@@ -180,9 +180,9 @@ def unlearn(
         if regularizer is not None:
             stab = regularizer.add_grad_(terms.stability_scale)
             losses["stability"] = stab
-            losses["objective"] = terms.stability_scale * stab + float(terms.loss)
+            losses["objective"] = terms.stability_scale * stab + float(terms.loss.detach())
         else:
-            losses["objective"] = float(terms.loss)
+            losses["objective"] = float(terms.loss.detach())
         if config.grad_clip is not None:
             losses["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         opt.step()
