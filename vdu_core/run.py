@@ -73,18 +73,7 @@ def run_unlearning(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     t0 = time.time()
 
-    def phase_progress(phase: str):
-        if on_progress is None:
-            return None
-
-        def report(p: Progress) -> None:
-            p.phase = phase
-            on_progress(p)
-
-        return report
-
     pipe = models.load_pipeline(model, revision=revision)
-    collapsed = False
     unet, scheduler = pipe.unet, pipe.scheduler
     channels, resolution = int(unet.config.in_channels), int(_side(unet.config.sample_size))
     decoded = forget_set.decode_forget_set(forget, limits)
@@ -104,7 +93,7 @@ def run_unlearning(
     try:
         result = _evaluate_and_write(tmp, original, unet, scheduler, forget_images, config, evaluation,
                                      post, anchor_info, report, decoded, model, forget, lineage, t0,
-                                     phase_progress("evaluate"))
+                                     _phased(on_progress, "evaluate"))
         collapsed = bool(result["metrics"].get("collapse", {}).get("value", False))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -137,14 +126,7 @@ def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, line
     from vdu_core.methods import get_method
 
     def phase(name: str):
-        if on_progress is None:
-            return None
-
-        def report(p: Progress) -> None:
-            p.phase = name
-            on_progress(p)
-
-        return report
+        return _phased(on_progress, name)
 
     post = None
     if get_method(config.method).uses_posterior and config.gamma > 0:
@@ -168,6 +150,18 @@ def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, line
                           on_progress=phase("unlearn"), should_cancel=should_cancel,
                           probe_images=forget_images)
     return report, post, anchor_info
+
+
+def _phased(on_progress, name: str):
+    """Wrap ``on_progress`` so every report carries the phase ``name``."""
+    if on_progress is None:
+        return None
+
+    def report(p: Progress) -> None:
+        p.phase = name
+        on_progress(p)
+
+    return report
 
 
 def _side(sample_size) -> int:
