@@ -10,7 +10,15 @@ import re
 import time
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
-PREFIXES = {"team": "team", "key": "key", "forget_set": "fs", "model": "mdl", "job": "job"}
+PREFIXES = {
+    "team": "team",
+    "key": "key",
+    "forget_set": "fs",
+    "model": "mdl",
+    "job": "job",
+    "webhook_delivery": "msg",
+    "dashboard_session": "ses",
+}
 ID_PATTERN = re.compile(r"^[a-z]{2,4}_[0-9a-hjkmnp-tv-z]{26}$")
 
 

@@ -71,6 +71,10 @@ def _transition(
     job = session.scalars(stmt).one_or_none()
     if job is not None and event is not None:
         _event(session, job_id, job.event_seq, event, event_data, now)
+        if event == job.status and job.webhook_url:  # a final state: its webhook joins this transaction
+            from jobs.webhook_delivery import enqueue_job_webhook
+
+            enqueue_job_webhook(session, job)
     return job
 
 

@@ -63,13 +63,16 @@ def run_maintenance(settings: Settings, dispatcher: Dispatcher) -> MaintenanceRe
 
 
 class MaintenanceLoop:
-    """A daemon thread calling ``run_maintenance`` every ``settings.maintenance_interval_s``."""
+    """A daemon thread calling ``run_maintenance`` every ``settings.maintenance_interval_s``
+    (subclasses change ``tick`` and ``interval``: ``jobs.webhook_delivery.WebhookLoop``)."""
 
-    def __init__(self, settings: Settings, dispatcher: Dispatcher):
+    thread_name = "vdu-maintenance"
+
+    def __init__(self, settings: Settings, dispatcher: Dispatcher | None = None):
         self.settings = settings
         self.dispatcher = dispatcher
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="vdu-maintenance", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
 
     def start(self) -> MaintenanceLoop:
         self.thread.start()
@@ -79,10 +82,16 @@ class MaintenanceLoop:
         self._stop.set()
         self.thread.join(timeout)
 
+    def tick(self) -> None:
+        run_maintenance(self.settings, self.dispatcher)
+
+    def interval(self) -> float:
+        return self.settings.maintenance_interval_s
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                run_maintenance(self.settings, self.dispatcher)
+                self.tick()
             except Exception as exc:  # the database may be restarting: try again next period
-                log.warning("maintenance pass failed: %s: %s", type(exc).__name__, exc)
-            self._stop.wait(self.settings.maintenance_interval_s)
+                log.warning("%s pass failed: %s: %s", self.thread_name, type(exc).__name__, exc)
+            self._stop.wait(self.interval())

@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
     allowed_classifiers: list[str] = Field(default_factory=lambda: ["builtin:mnist"])
 
+    # Webhooks (jobs.webhook_delivery) and the dashboard (api.dashboard)
+    webhook_max_attempts: int = Field(8, ge=1, le=30)
+    webhook_retry_base_s: float = Field(5.0, gt=0, description="first retry delay; each next one 4x longer")
+    webhook_retry_max_s: float = Field(10 * 3600.0, gt=0)
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="per attempt: connect + send + status line")
+    webhook_poll_interval_s: float = Field(1.0, gt=0, description="how often workers look for due deliveries")
+    webhook_secret_grace_s: float = Field(86400.0, ge=0, description="a rotated-out secret still signs this long")
+    dashboard_session_ttl_s: float = Field(8 * 3600.0, gt=0)
+
     # Observability
     log_level: str = "INFO"
     log_json: bool = True

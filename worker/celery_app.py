@@ -21,11 +21,13 @@ from jobs.logs import configure_logging  # noqa: E402
 from jobs.maintenance import MaintenanceLoop  # noqa: E402
 from jobs.queue import CeleryDispatcher, make_celery_app  # noqa: E402
 from jobs.settings import get_settings  # noqa: E402
+from jobs.webhook_delivery import WebhookLoop  # noqa: E402
 
 settings = get_settings()
 app = make_celery_app(settings, main="worker")
 app.conf.include = ["worker.tasks"]
 _maintenance: MaintenanceLoop | None = None
+_webhooks: WebhookLoop | None = None
 
 
 @signals.setup_logging.connect
@@ -35,15 +37,19 @@ def _setup_logging(**_kwargs):
 
 @signals.worker_ready.connect
 def _start_maintenance(sender=None, **_kwargs):
-    global _maintenance
+    global _maintenance, _webhooks
     if _maintenance is None:
         _maintenance = MaintenanceLoop(settings, CeleryDispatcher(settings, app)).start()
+    if _webhooks is None:  # webhook delivery (jobs.webhook_delivery) also runs in the main process
+        _webhooks = WebhookLoop(settings).start()
 
 
 @signals.worker_shutdown.connect
 def _stop_maintenance(**_kwargs):
     if _maintenance is not None:
         _maintenance.stop()
+    if _webhooks is not None:
+        _webhooks.stop()
 
 
 @signals.worker_process_init.connect

@@ -106,6 +106,7 @@ def serve(settings: Settings, host: str, port: int, key_file: Path) -> None:
     from jobs.logs import configure_logging
     from jobs.maintenance import MaintenanceLoop
     from jobs.migrate import upgrade_head
+    from jobs.webhook_delivery import WebhookLoop
 
     configure_logging(settings.log_level, settings.log_json)
     upgrade_head(settings)
@@ -115,6 +116,7 @@ def serve(settings: Settings, host: str, port: int, key_file: Path) -> None:
     dispatcher = InProcessDispatcher()
     worker = EmbeddedWorker(settings, dispatcher).start()
     maintenance = MaintenanceLoop(settings, dispatcher).start()
+    webhooks = WebhookLoop(settings).start()
     app = create_app(settings, dispatcher=dispatcher, configure_logs=False)
     print(
         f"VDU service (embedded) on http://{host}:{port}  database={settings.database_url}  "
@@ -124,6 +126,7 @@ def serve(settings: Settings, host: str, port: int, key_file: Path) -> None:
     try:
         uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=10)
     finally:
+        webhooks.stop()
         maintenance.stop()
         worker.stop()
 
