@@ -115,6 +115,44 @@ def test_empirical_forget_eps_by_hand(tiny_scheduler):
     torch.testing.assert_close(eps, noise[:1], rtol=1e-3, atol=1e-3)
 
 
+def test_posterior_weighted_guidance_pushes_only_forget_like_inputs(tiny_unet, tiny_scheduler):
+    from types import SimpleNamespace
+
+    from vdu_core.methods import guided_target
+
+    g = torch.Generator().manual_seed(0)
+    forget = torch.rand(4, 1, 8, 8, generator=g) * 0.5 + 0.5  # bright images
+    anchors = -(torch.rand(6, 1, 8, 8, generator=g) * 0.5 + 0.5)  # dark images
+    cfg = UnlearnConfig.from_dict({"guidance_weighting": "posterior", "forget_prior": 0.1, "guidance_scale": 2.0})
+    ctx = SimpleNamespace(config=cfg, original=tiny_unet.eval(), forget_images=forget, anchors=anchors,
+                          scheduler=tiny_scheduler)
+    noise = torch.randn(2, 1, 8, 8, generator=g)
+    low = torch.tensor([10, 10])
+    x_t = tiny_scheduler.add_noise(torch.cat([forget[:1], anchors[:1]]), noise, low)
+    with torch.no_grad():
+        eps0 = tiny_unet(x_t, low).sample
+    uniform = guided_target(SimpleNamespace(**{**vars(ctx), "config": UnlearnConfig.from_dict(
+        {"guidance_scale": 2.0})}), x_t, low)
+    weighted = guided_target(ctx, x_t, low)
+    # a forget-like input gets the full push, an anchor-like one none: its target is the original's ε
+    torch.testing.assert_close(weighted[0], uniform[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weighted[1], eps0[1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(uniform[1], eps0[1], atol=1e-3)
+    # at the largest t the two sets are indistinguishable: the push shrinks to about the prior share
+    from diffusers import DDPMScheduler
+
+    long = DDPMScheduler(num_train_timesteps=1000)
+    ctx.scheduler = long
+    top = torch.tensor([999, 999])
+    x_hi = long.add_noise(torch.cat([forget[:1], anchors[:1]]), noise, top)
+    with torch.no_grad():
+        e0 = tiny_unet(x_hi, top).sample
+    full = guided_target(SimpleNamespace(**{**vars(ctx), "config": UnlearnConfig.from_dict(
+        {"guidance_scale": 2.0})}), x_hi, top) - e0
+    part = guided_target(ctx, x_hi, top) - e0
+    assert part.norm() < 0.2 * full.norm()
+
+
 def test_guard_rolls_back_and_stops_when_retained_samples_drift(tiny_unet, tiny_scheduler):
     from tests.conftest import make_tiny_unet
 

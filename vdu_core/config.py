@@ -154,6 +154,12 @@ class UnlearnConfig(_Validated):
             "forget inputs to the original's prediction guided away from the forget set's empirical score",
     )
     guidance_scale: float = _spec(5.0, gt=0.0, le=100.0, doc="η of the negative guidance target")
+    guidance_weighting: Literal["uniform", "posterior"] = _spec(
+        "uniform",
+        doc="negative_guidance: push every forget input by η ('uniform') or by η × the kernel posterior that the "
+            "input is forget-like rather than the model's other output ('posterior'; also applied to anchors)",
+    )
+    forget_prior: float = _spec(0.1, gt=0.0, lt=1.0, doc="prior share of forget-like output ('posterior' weighting)")
     anchor_weight: float = _spec(1.0, ge=0.0, le=1e6, doc="λ of the function-space term (0: off)")
     anchor_samples: int = _spec(512, ge=0, le=100000, doc="own samples of the original model used as anchors")
     anchor_exclude_fraction: float = _spec(

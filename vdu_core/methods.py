@@ -13,6 +13,7 @@ method reports each of its terms separately.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,22 @@ def register(cls):
 
 def get_method(name: str) -> type[UnlearningMethod]:
     return REGISTRY[name]
+
+
+#: Methods for text-conditional (Stable Diffusion) models, by name: the same interface, registered
+#: by ``vdu_core.sd.methods`` (imported lazily, so this module needs no transformers).
+SD_REGISTRY: dict[str, type[UnlearningMethod]] = {}
+
+
+def register_sd(cls):
+    SD_REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_sd_method(name: str) -> type[UnlearningMethod]:
+    import vdu_core.sd.methods  # noqa: F401 - registers the SD methods
+
+    return SD_REGISTRY[name]
 
 
 @dataclass
@@ -125,10 +142,7 @@ class VDU(UnlearningMethod):
         plast = plasticity_term(per, batch.weights)
         report = {"plasticity": float(plast.detach())}
         if cfg.plasticity_target == "negative_guidance":
-            with torch.no_grad():
-                eps0 = ctx.original(batch.x_t, batch.t).sample.float()
-                eps_f = empirical_forget_eps(batch.x_t, batch.t, ctx.forget_images, ctx.scheduler).float()
-                target = eps0 - cfg.guidance_scale * (eps_f - eps0)
+            target = guided_target(ctx, batch.x_t, batch.t)
             redirect = plasticity_term(per_sample_mse(pred, target), batch.weights)
             loss = (1.0 - gamma) * redirect
             report["redirect"] = float(redirect.detach())
@@ -142,21 +156,52 @@ class VDU(UnlearningMethod):
             loss = -(1.0 - gamma) * plast
         if self.needs_anchors:
             a_t, a_time, _ = ctx.anchor_batch()
-            with torch.no_grad():
-                a_target = ctx.original(a_t, a_time).sample
+            if cfg.plasticity_target == "negative_guidance" and cfg.guidance_weighting == "posterior":
+                # the same target everywhere: ε_θ₀ wherever the input is not forget-like
+                a_target = guided_target(ctx, a_t, a_time)
+            else:
+                with torch.no_grad():
+                    a_target = ctx.original(a_t, a_time).sample
             fs = per_sample_mse(ctx.unet(a_t, a_time).sample, a_target).mean()
             loss = loss + cfg.anchor_weight * fs
             report["function_space"] = float(fs.detach())
         return Terms(loss, gamma, report)
 
 
-def empirical_forget_eps(x_t: torch.Tensor, t: torch.Tensor, forget: torch.Tensor, scheduler) -> torch.Tensor:
+@torch.no_grad()
+def guided_target(ctx, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The negative-guidance target ε_θ₀ − η · w · (ε_F − ε_θ₀) on inputs ``x_t`` at timesteps ``t``.
+
+    ``guidance_weighting`` "uniform": w = 1. "posterior": w = r_F(x_t), the probability that x_t was
+    noised from the forget set rather than from the model's other output, under kernel (empirical)
+    densities of the noised forget images and the noised anchors with prior ``forget_prior``. This is
+    the score of p(x)·(1 − r_F(x)) to first order (∇log(1−r_F) ∝ r_F (ε_F − ε)): at high noise, where
+    every class overlaps, r_F ≈ the prior and the push is small, so trajectories that end in other
+    classes are left alone; where x_t is forget-like, r_F ≈ 1 and the push is the full η.
+    """
+    cfg = ctx.config
+    eps0 = ctx.original(x_t, t).sample.float()
+    eps_f, log_qf = empirical_forget_eps(x_t, t, ctx.forget_images, ctx.scheduler, with_log_density=True)
+    weight = 1.0
+    if cfg.guidance_weighting == "posterior":
+        if ctx.anchors is None or len(ctx.anchors) == 0:
+            raise ValueError("guidance_weighting 'posterior' needs anchor samples")
+        _, log_qa = empirical_forget_eps(x_t, t, ctx.anchors, ctx.scheduler, with_log_density=True)
+        prior = math.log(cfg.forget_prior) - math.log1p(-cfg.forget_prior)
+        weight = torch.sigmoid(prior + log_qf - log_qa).view(-1, *([1] * (x_t.dim() - 1)))
+    return eps0 - cfg.guidance_scale * weight * (eps_f.float() - eps0)
+
+
+def empirical_forget_eps(x_t: torch.Tensor, t: torch.Tensor, forget: torch.Tensor, scheduler,
+                         with_log_density: bool = False):
     """ε of the forget set's empirical distribution: the exact denoiser if the data were only ``forget``.
 
     With x_t = √ᾱ x0 + √(1−ᾱ) ε and x0 uniform over the forget images f_j, the posterior over j is
     softmax_j(−‖x_t − √ᾱ f_j‖² / (2(1−ᾱ))), E[x0 | x_t] = Σ_j w_j f_j and
     ε_F = (x_t − √ᾱ E[x0 | x_t]) / √(1−ᾱ). Guiding the original's ε away from ε_F (as ESD does with a
     text condition) removes the forget set's pull on the sampler without raising any loss unboundedly.
+    ``with_log_density`` also returns log q_F(x_t) per input, up to a constant shared by every image
+    set at the same t (so two sets' values can be compared).
     """
     ac = scheduler.alphas_cumprod.to(x_t.device)[t].float().view(-1, 1)
     xf = x_t.float().flatten(1)
@@ -164,10 +209,13 @@ def empirical_forget_eps(x_t: torch.Tensor, t: torch.Tensor, forget: torch.Tenso
     sq = ac.sqrt()
     # ‖x_t − √ᾱ f_j‖² = ‖x_t‖² − 2√ᾱ x_t·f_j + ᾱ‖f_j‖²
     dist2 = (xf.pow(2).sum(1, keepdim=True) - 2 * sq * (xf @ ff.T) + ac * ff.pow(2).sum(1).view(1, -1))
-    w = torch.softmax(-dist2 / (2 * (1 - ac)).clamp_min(1e-8), dim=1)
+    logits = -dist2 / (2 * (1 - ac)).clamp_min(1e-8)
+    w = torch.softmax(logits, dim=1)
     x0 = w @ ff
-    eps = (xf - sq * x0) / (1 - ac).clamp_min(1e-8).sqrt()
-    return eps.view_as(x_t)
+    eps = ((xf - sq * x0) / (1 - ac).clamp_min(1e-8).sqrt()).view_as(x_t)
+    if not with_log_density:
+        return eps
+    return eps, torch.logsumexp(logits, dim=1) - math.log(ff.shape[0])
 
 
 assert set(REGISTRY) == set(METHOD_NAMES), "config.METHOD_NAMES and the registry must agree"
