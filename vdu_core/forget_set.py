@@ -44,6 +44,15 @@ total_pixels       all images together above ``MAX_TOTAL_PIXELS`` decoded pixels
 too_small          the shorter side is below ``min_side``
 ================== ==========================================================================
 
+Text side files (forget sets of text-conditional models, ``vdu_core.sd``): a ``captions.jsonl``
+(one ``{"file": NAME, "caption": TEXT}`` object a line; ``file_name``/``image`` and ``text`` are
+accepted too), a ``captions.csv`` (header with a file column and a caption column) and a
+``prompts.txt`` (one prompt naming the feature a line; blank lines and ``#`` comments skipped) may
+sit beside the images, at most ``MAX_TEXT_BYTES`` each. They are parsed by ``parse_texts`` with the
+rules ``bad_captions`` (unparsable, a caption over ``MAX_CAPTION_CHARS``, two captions for one
+image, more than ``MAX_PROMPTS`` prompts) and ``caption_without_image`` (a caption naming no image
+of the set). Models without text conditioning ignore them.
+
 Junk that archivers add is skipped silently (still counted against the byte limits and the entry
 cap, never decoded): anything under ``__MACOSX/``, AppleDouble ``._*`` files, ``.DS_Store``,
 ``Thumbs.db`` and ``desktop.ini``. Directories are skipped. Any other non-image member is an error.
@@ -93,6 +102,13 @@ MAX_TOTAL_PIXELS = 256 * 1024 * 1024
 RATIO_FLOOR_BYTES = 64 * 1024
 STREAM_RATIO_FLOOR_BYTES = 1024 * 1024
 MAX_NAME_CHARS = 1024
+#: Text side files (captions and prompts of text-conditional forget sets), by base name.
+TEXT_MEMBERS = frozenset({"captions.jsonl", "captions.csv", "prompts.txt"})
+MAX_TEXT_BYTES = 4 * 1024 * 1024
+MAX_CAPTION_CHARS = 1000
+MAX_PROMPTS = 256
+_FILE_KEYS = ("file", "file_name", "image")
+_CAPTION_KEYS = ("caption", "text")
 MAX_FOLDER_DEPTH = 64
 _CHUNK = 1024 * 1024
 
@@ -143,6 +159,100 @@ def decode_forget_set(
     return list(_iter_decoded(source, limits or Limits()))
 
 
+@dataclass
+class ForgetTexts:
+    """The text side files of a forget set: a caption per image name (where given) and feature prompts."""
+
+    captions: dict[str, str] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+
+def decode_forget_set_with_texts(
+    source: str | Path | bytes | IO[bytes], limits: Limits | None = None
+) -> tuple[list[DecodedImage], ForgetTexts]:
+    """Like ``decode_forget_set``, and parse its captions and prompts (``parse_texts``)."""
+    raw: dict[str, bytes] = {}
+    images = list(_iter_decoded(source, limits or Limits(), raw))
+    return images, parse_texts(raw, [img.name for img in images])
+
+
+def parse_texts(raw: dict[str, bytes], image_names: list[str]) -> ForgetTexts:
+    """Parse ``captions.jsonl`` / ``captions.csv`` / ``prompts.txt`` members (name -> bytes).
+
+    A caption's file name is resolved relative to the folder of the captions file, then by the
+    image's base name when that is unique. Every refusal is a ``ForgetSetError`` naming the file.
+    """
+    import csv
+    import json
+
+    texts = ForgetTexts(files=sorted(raw))
+    by_base: dict[str, list[str]] = {}
+    for n in image_names:
+        by_base.setdefault(n.rsplit("/", 1)[-1], []).append(n)
+    known = set(image_names)
+
+    def bad(name: str, why: str, rule: str = "bad_captions"):
+        raise ForgetSetError(f"{name}: {why}", file=name, rule=rule)
+
+    def add_caption(src: str, where: str, target, caption) -> None:
+        if not isinstance(target, str) or not target or not isinstance(caption, str):
+            bad(src, f"{where}: needs a file name and a caption string")
+        caption = caption.strip()
+        if not caption or len(caption) > MAX_CAPTION_CHARS or any(ord(c) < 32 for c in caption):
+            bad(src, f"{where}: a caption must be 1 to {MAX_CAPTION_CHARS} printable characters")
+        folder = src.rsplit("/", 1)[0] + "/" if "/" in src else ""
+        name = folder + target.lstrip("./") if folder + target.lstrip("./") in known else target.lstrip("./")
+        if name not in known:
+            candidates = by_base.get(target.rsplit("/", 1)[-1], [])
+            if len(candidates) != 1:
+                bad(src, f"{where}: {target[:200]!r} names no image of the forget set", "caption_without_image")
+            name = candidates[0]
+        if name in texts.captions:
+            bad(src, f"{where}: a second caption for {name!r}")
+        texts.captions[name] = caption
+
+    for src in sorted(raw):
+        try:
+            text = raw[src].decode("utf-8-sig")
+        except UnicodeDecodeError:
+            bad(src, "is not UTF-8 text")
+        base = src.rsplit("/", 1)[-1].lower()
+        if base == "prompts.txt":
+            for line in text.splitlines():
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if len(line) > MAX_CAPTION_CHARS or any(ord(c) < 32 for c in line):
+                    bad(src, f"a prompt must be at most {MAX_CAPTION_CHARS} printable characters")
+                texts.prompts.append(line)
+            if len(texts.prompts) > MAX_PROMPTS:
+                bad(src, f"more than {MAX_PROMPTS} prompts")
+        elif base == "captions.jsonl":
+            for i, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    bad(src, f"line {i} is not JSON")
+                if not isinstance(row, dict):
+                    bad(src, f"line {i} is not a JSON object")
+                target = next((row[k] for k in _FILE_KEYS if k in row), None)
+                caption = next((row[k] for k in _CAPTION_KEYS if k in row), None)
+                add_caption(src, f"line {i}", target, caption)
+        else:  # captions.csv
+            try:
+                rows = list(csv.DictReader(io.StringIO(text)))
+            except csv.Error as exc:
+                bad(src, f"is not CSV ({exc})")
+            for i, row in enumerate(rows, 2):
+                target = next((row[k] for k in _FILE_KEYS if row.get(k)), None)
+                caption = next((row[k] for k in _CAPTION_KEYS if row.get(k) is not None), None)
+                add_caption(src, f"row {i}", target, caption)
+    return texts
+
+
 def inspect_forget_set(
     source: str | Path | bytes | IO[bytes], limits: Limits | None = None
 ) -> dict[str, Any]:
@@ -154,7 +264,8 @@ def inspect_forget_set(
     """
     limits = limits or Limits()
     images = []
-    for img in _iter_decoded(source, limits):
+    raw_texts: dict[str, bytes] = {}
+    for img in _iter_decoded(source, limits, raw_texts):
         images.append(
             {
                 "name": img.name,
@@ -168,7 +279,11 @@ def inspect_forget_set(
             }
         )
         img.image.close()
-    content = _content_sha256((i["name"], i["sha256"]) for i in images)
+    texts = parse_texts(raw_texts, [i["name"] for i in images])
+    content = _content_sha256(
+        [(i["name"], i["sha256"]) for i in images]
+        + [(name, hashlib.sha256(data).hexdigest()) for name, data in raw_texts.items()]
+    )
     if isinstance(source, str | Path) and Path(source).is_dir():
         source_sha = content
     else:
@@ -181,6 +296,9 @@ def inspect_forget_set(
         "source_modes": dict(Counter(i["source_mode"] for i in images)),
         "formats": dict(Counter(i["format"] for i in images)),
         "images": images,
+        "text_files": texts.files,
+        "captions": len(texts.captions),
+        "prompts": len(texts.prompts),
         "source_sha256": source_sha,
         "content_sha256": content,
     }
@@ -367,10 +485,17 @@ def _sniff_archive(head: bytes) -> str | None:
 # --------------------------------------------------------------------------- sources
 
 
-def _iter_decoded(source, limits: Limits) -> Iterator[DecodedImage]:
+def _iter_decoded(source, limits: Limits, texts: dict[str, bytes] | None = None) -> Iterator[DecodedImage]:
+    """Decode the images; text side files go into ``texts`` when given (else they are skipped)."""
     budget = _Budget(limits)
     count = 0
     for name, data in _iter_members(source, budget):
+        if name.rsplit("/", 1)[-1].lower() in TEXT_MEMBERS:
+            if len(data) > MAX_TEXT_BYTES:
+                raise ForgetSetError(f"{name!r} is above {MAX_TEXT_BYTES} bytes", file=name, rule="file_bytes")
+            if texts is not None:
+                texts[name] = data
+            continue
         count += 1
         yield _decode(name, data, budget)
     if count == 0:
