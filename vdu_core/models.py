@@ -202,6 +202,11 @@ def describe_model(ref: str | Path, *, revision: str | None = None) -> dict[str,
     The parameter count is read from the safetensors headers; nothing is loaded.
     """
 
+    from vdu_core.sd.models import describe_sd_model, is_sd_model
+
+    if is_sd_model(ref, revision=revision):  # a Stable Diffusion pipeline: vdu_core.sd validates it
+        return describe_sd_model(ref, revision=revision)
+
     def run() -> dict[str, Any]:
         layout = _resolve(ref, revision)
         cfg = layout.unet_config or {}

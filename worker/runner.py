@@ -172,6 +172,16 @@ class JobRun:
             raise InputMissing("the job's forget set was deleted", field="forget_set")
         forget = fetch_forget_set(inputs.forget_set.storage_key, inputs.forget_set.filename, self.storage, workdir)
         model = fetch_model(inputs.model, self.storage, self.settings, workdir)
+        from vdu_core.sd.models import is_sd_model
+
+        if is_sd_model(model.ref, revision=model.revision):  # text-conditional: vdu_core.sd (extra "sd")
+            from vdu_core.sd.run import run_job
+
+            return run_job(model.ref, forget, workdir / "out", inputs.params, inputs.evaluation,
+                           lineage=model.lineage, revision=model.revision,
+                           limits=self.settings.forget_set_limits(),
+                           cache_dir=self.settings.model_cache_dir or Path(tempfile.gettempdir()) / "vdu-cache",
+                           on_progress=self.on_progress, should_cancel=self.should_cancel)
         config = UnlearnConfig.from_dict(inputs.params, prefix="params")
         evaluation = EvalConfig.from_dict(inputs.evaluation, prefix="evaluation")
         cache_dir = self.settings.model_cache_dir or Path(tempfile.gettempdir()) / "vdu-cache"
