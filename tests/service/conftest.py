@@ -161,3 +161,32 @@ def api(pg_url, redis_prefix, tmp_path_factory) -> Iterator[Api]:
     app = create_app(settings, configure_logs=False)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield Api(client, settings, get_storage(settings))
+
+
+SERVICE_UPLOAD_LIMIT = 32 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def service_stack(pg_url, redis_prefix, s3_server, tmp_path_factory):
+    """The API under uvicorn and a Celery worker as real processes on the session's Postgres, Redis
+    and S3, started once and shared by every test that needs the real thing (each in its own team)."""
+    from tests.service.stack import stack_env, start_stack
+
+    root = tmp_path_factory.mktemp("stack")
+    env = stack_env(
+        root,
+        database_url=pg_url,
+        broker_url=REDIS_URL,
+        broker_key_prefix=redis_prefix,
+        storage_url=f"s3://{make_bucket(s3_server)}/vdu",
+        s3_endpoint_url=s3_server,
+        s3_access_key_id="testing",
+        s3_secret_access_key="testing",
+        max_steps=2000,
+        max_forget_set_upload_bytes=SERVICE_UPLOAD_LIMIT,
+    )
+    stack = start_stack(env, root)
+    yield stack
+    stack.stop()
+    print("---- api log (tail) ----\n" + stack.api.log()[-4000:])
+    print("---- worker log (tail) ----\n" + stack.worker.log()[-6000:])

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -139,3 +140,70 @@ def proc_status(pid: int, field: str) -> int:
 
 def rss_kib(pid: int) -> int:
     return proc_status(pid, "VmRSS")
+
+
+@dataclass
+class Stack:
+    """The API and one worker running as real processes, with the environment they share."""
+
+    base: str
+    env: dict[str, str]
+    api: Proc
+    worker: Proc
+    root: Path
+
+    def admin(self, *args: str) -> str:
+        """Run the admin CLI (``python -m api.admin``) as an operator would; its stdout."""
+        return subprocess.run(
+            [sys.executable, "-m", "api.admin", *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+
+    def api_key(self, team: str) -> str:
+        """A new team and one key of it."""
+        self.admin("create-team", team)
+        return self.admin("create-key", team)
+
+    def team(self, name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key(name)}"}
+
+    def client(self, headers: dict[str, str]) -> httpx.Client:
+        return httpx.Client(base_url=self.base, headers=headers, timeout=60)
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.api.stop()
+
+
+def stack_env(root: Path, **settings: str) -> dict[str, str]:
+    """The processes' environment: ours, plus ``VDU_<NAME>`` for each setting, plus quick leases
+    and maintenance so recovery happens within a test."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "VDU_UPLOAD_TMP_DIR": str(root / "uploads"),
+        "VDU_WORKER_TMP_DIR": str(root),
+        "VDU_MODEL_CACHE_DIR": str(root / "cache"),
+        "VDU_LEASE_SECONDS": "30",
+        "VDU_LEASE_RENEW_INTERVAL_S": "5",
+        "VDU_MAINTENANCE_INTERVAL_S": "5",
+        "VDU_LOG_JSON": "false",
+    }
+    env.update({f"VDU_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+def start_stack(env: dict[str, str], root: Path) -> Stack:
+    api, base = start_api(env, root)
+    try:
+        worker = start_worker(env, root)
+    except BaseException:
+        api.stop()
+        raise
+    return Stack(base, env, api, worker, root)

@@ -7,97 +7,30 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import subprocess
-import sys
 import tarfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.service.conftest import REDIS_URL, REPO, make_bucket
+from tests.service.conftest import REPO, SERVICE_UPLOAD_LIMIT
 from tests.service.helpers import tiny_model_archive
-from tests.service.stack import Proc, rss_kib, start_api, start_worker, wait_until
+from tests.service.stack import Stack, rss_kib, wait_until
 from worker.demo import forget_zip
 
 pytestmark = pytest.mark.timeout(300)
 TINY = REPO / "reference" / "mnist-ddpm-tiny"
-UPLOAD_LIMIT = 32 * 1024 * 1024
+UPLOAD_LIMIT = SERVICE_UPLOAD_LIMIT
 FAST_PARAMS = {"steps": 3, "batch_size": 4, "anchor_weight": 0, "self_forget_fraction": 0}
 EVALUATION = {"num_samples": 8, "grid_samples": 8, "sample_steps": 4, "forget_class": 0}
 FINAL = ("succeeded", "failed", "cancelled")
 
 
-@dataclass
-class Stack:
-    base: str
-    env: dict
-    api: Proc
-    worker: Proc
-    root: Path
-
-    def team(self, name: str) -> dict[str, str]:
-        """A team and a key made with the admin CLI, as an operator would."""
-
-        def run(*args):
-            return subprocess.run(
-                [sys.executable, "-m", "api.admin", *args],
-                cwd=REPO,
-                env=self.env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            )
-
-        run("create-team", name)
-        key = run("create-key", name).stdout.strip()
-        return {"Authorization": f"Bearer {key}"}
-
-    def client(self, headers: dict[str, str]) -> httpx.Client:
-        return httpx.Client(base_url=self.base, headers=headers, timeout=60)
-
-
 @pytest.fixture(scope="module")
-def stack(pg_url, redis_prefix, s3_server, tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    bucket = make_bucket(s3_server)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "VDU_DATABASE_URL": pg_url,
-        "VDU_BROKER_URL": REDIS_URL,
-        "VDU_BROKER_KEY_PREFIX": redis_prefix,
-        "VDU_STORAGE_URL": f"s3://{bucket}/vdu",
-        "VDU_S3_ENDPOINT_URL": s3_server,
-        "VDU_S3_ACCESS_KEY_ID": "testing",
-        "VDU_S3_SECRET_ACCESS_KEY": "testing",
-        "VDU_UPLOAD_TMP_DIR": str(root / "uploads"),
-        "VDU_WORKER_TMP_DIR": str(root),
-        "VDU_MODEL_CACHE_DIR": str(root / "cache"),
-        "VDU_MAX_STEPS": "2000",
-        "VDU_MAX_FORGET_SET_UPLOAD_BYTES": str(UPLOAD_LIMIT),
-        "VDU_LEASE_SECONDS": "30",
-        "VDU_LEASE_RENEW_INTERVAL_S": "5",
-        "VDU_MAINTENANCE_INTERVAL_S": "5",
-        "VDU_LOG_JSON": "false",
-    }
-    api, base = start_api(env, root)
-    try:
-        worker = start_worker(env, root)
-    except BaseException:
-        api.stop()
-        raise
-    stack = Stack(base, env, api, worker, root)
-    yield stack
-    worker.stop()
-    api.stop()
-    print("---- api log (tail) ----\n" + api.log()[-4000:])
-    print("---- worker log (tail) ----\n" + worker.log()[-6000:])
+def stack(service_stack) -> Stack:
+    return service_stack
 
 
 def lineage_archive(step_dir: Path) -> bytes:
