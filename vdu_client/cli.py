@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from vdu_client.client import Client
+from vdu_client.client import Client, RetryPolicy
 from vdu_client.config import Config, config_path, resolve, save
 from vdu_client.errors import APIError, ChecksumMismatch, TransportError, VDUClientError, WaitTimeout
 from vdu_client.types import Event, Job, Resource
@@ -330,6 +330,7 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=d, help="the service URL (else VDU_ENDPOINT, else the config file)")
     p.add_argument("--api-key", default=d, help="the team's API key (else VDU_API_KEY, else the config file)")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False, help="print JSON")
+    p.add_argument("--retries", type=int, default=d, help="retries on 429/5xx/connection errors (default 4)")
     return p
 
 
@@ -430,7 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("no endpoint: run `vdu configure`, set VDU_ENDPOINT or pass --endpoint")
         if not config.api_key:
             raise UsageError("no API key: run `vdu configure`, set VDU_API_KEY or pass --api-key")
-        with Client(config.endpoint, config.api_key) as client:
+        retry = RetryPolicy(attempts=max(0, args.retries) + 1) if args.retries is not None else None
+        with Client(config.endpoint, config.api_key, retry=retry) as client:
             return args.func(client, args)
     except UsageError as exc:
         parser.error(str(exc))

@@ -66,7 +66,7 @@ def test_configure_stores_the_key_readable_by_its_owner_only(vdu, configured, se
     assert "ready" in vdu("health", "--json").stdout
     bad = vdu("jobs", "list", check=1, extra_env={"VDU_API_KEY": "vdu_revoked_or_wrong"})  # env beats the file
     assert "401 unauthorized" in bad.stderr and "Authorization" in bad.stderr and bad.stdout == ""
-    nowhere = vdu("jobs", "list", "--endpoint", "http://127.0.0.1:9", check=5)
+    nowhere = vdu("jobs", "list", "--endpoint", "http://127.0.0.1:9", "--retries", "1", check=5)
     assert "cannot reach the service" in nowhere.stderr
 
 
