@@ -85,9 +85,38 @@ class _Bars:
             self.bar = None
 
 
+def _unlearn_sd(args) -> int:
+    """A Stable Diffusion model (``vdu_core.sd``): SD parameters; evaluation options via --eval-param."""
+    from vdu_core.sd.run import run_job
+
+    ev = {}
+    for item in args.eval_param or []:
+        if "=" not in item:
+            raise VDUError(f"--eval-param expects key=value, got {item!r}", field="eval_param")
+        key, value = item.split("=", 1)
+        ev[key.strip().replace("-", "_")] = _parse_value(value)
+    if args.eval_seed is not None:
+        ev["seed"] = args.eval_seed
+    if args.no_eval:
+        ev["enabled"] = False
+    bars = _Bars(not args.json and not args.quiet)
+    try:
+        result = run_job(args.model, args.forget, args.out, _params(args), ev, lineage=args.lineage or (),
+                         revision=args.revision, cache_dir=args.cache_dir, on_progress=bars)
+    finally:
+        bars.close()
+    print(json.dumps({"out_dir": str(result.out_dir), "metrics": result.metrics}, indent=2, default=str))
+    if not args.json:
+        print(f"\nsanitized pipeline: {result.out_dir}  (StableDiffusionPipeline.from_pretrained)")
+    return 0
+
+
 def cmd_unlearn(args) -> int:
     from vdu_core.run import run_unlearning
+    from vdu_core.sd.models import is_sd_model
 
+    if is_sd_model(args.model, revision=args.revision):
+        return _unlearn_sd(args)
     config = UnlearnConfig.from_dict(_params(args))
     evaluation = EvalConfig.from_dict(_eval_params(args), prefix="evaluation")
     bars = _Bars(not args.json and not args.quiet)
@@ -139,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--forget", required=True, help="zip, tar or folder of PNG/JPEG/WebP images")
     u.add_argument("--out", required=True, help="output folder (a diffusers pipeline + evidence)")
     u.add_argument("--lineage", nargs="*", help="extra checkpoints of the same training run (posterior)")
-    u.add_argument("--method", choices=["vdu", "vdu_paper", "gradient_ascent"])
+    u.add_argument("--method", choices=["vdu", "vdu_paper", "gradient_ascent", "esd"], help="esd: SD models only")
     u.add_argument("--gamma", type=float)
     u.add_argument("--steps", type=int)
     u.add_argument("--lr", type=float)
@@ -154,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--sample-steps", dest="sample_steps", type=int, help="DDIM steps for sampling")
     u.add_argument("--eval-seed", dest="eval_seed", type=int)
     u.add_argument("--no-eval", dest="no_eval", action="store_true", help="skip the evaluation")
+    u.add_argument("--eval-param", dest="eval_param", action="append", metavar="KEY=VALUE",
+                   help="an SD evaluation option (vdu_core.sd.config.SDEvalConfig), e.g. detector=nudenet")
     u.add_argument("--cache-dir", dest="cache_dir", help="posterior cache (default ~/.cache/vdu)")
     u.add_argument("--json", action="store_true", help="print the result as JSON")
     u.add_argument("--quiet", action="store_true", help="no progress bars")
