@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from api import artifacts, events, forget_sets, health, jobs, models, webhooks
+from api import artifacts, dashboard, events, forget_sets, health, jobs, models, webhooks
 from api.metrics import app_registry
 from api.middleware import RequestContextMiddleware
 from api.problems import PROBLEM_JSON, Problem, install_problem_handlers
@@ -83,6 +83,7 @@ def create_app(
     install_problem_handlers(app)
     for module in (forget_sets, models, jobs, events, artifacts, webhooks, health):
         app.include_router(module.router)
+    dashboard.install(app)  # HTML pages under /dashboard (not in the OpenAPI schema)
 
     def openapi():
         if app.openapi_schema:
