@@ -59,17 +59,14 @@ def validate_job(
         raise InvalidInput("params.method disagrees with method; set only `method`", field="params.method")
     params["method"] = body.method
     model = session.scalar(scoped(Model, team.id).where(Model.id == body.model))
-    family = model_family(model)
+    if model_family(model, params) == "sd":
+        return _validate_sd_job(session, settings, team, body, params, model)
     try:
-        config = UnlearnConfig.from_dict(params, prefix="params") if family != "sd" else None
+        config = UnlearnConfig.from_dict(params, prefix="params")
     except ConfigError as exc:
         if exc.field == "params.method":
             exc.field = "method"
-        if family is not None or not _valid_sd_params(params):
-            raise
-        config = None  # an unchecked hub/URL model: valid as Stable Diffusion parameters
-    if config is None:
-        return _validate_sd_job(session, settings, team, body, params, model)
+        raise
     if config.steps > settings.max_steps:
         raise InvalidInput(
             f"params.steps must be <= {settings.max_steps} on this service; got {config.steps}",
@@ -101,21 +98,14 @@ def validate_job(
     return config.to_dict(), evaluation.to_dict(), model, forget_set
 
 
-def model_family(model: Model | None) -> str | None:
-    """'sd' or 'ddpm' as the upload checks found it; None when unknown (hub and URL models)."""
-    if model is None or model.source != "upload":
-        return None
-    return ((model.summary or {}).get("model") or {}).get("family", "ddpm")
+def model_family(model: Model | None, params: dict) -> str:
+    """'sd' or 'ddpm': as the upload checks found it; for hub and URL models (not inspected when
+    registered), 'sd' when the parameters name an SD-only field or method (e.g. ``trainable``, ``esd``)."""
+    if model is not None and model.source == "upload":
+        return ((model.summary or {}).get("model") or {}).get("family", "ddpm")
+    from vdu_core.sd.config import SD_ONLY_FIELDS
 
-
-def _valid_sd_params(params: dict) -> bool:
-    from vdu_core.sd.config import SDUnlearnConfig
-
-    try:
-        SDUnlearnConfig.from_dict(params, prefix="params")
-    except ConfigError:
-        return False
-    return True
+    return "sd" if params.get("method") == "esd" or any(k in SD_ONLY_FIELDS for k in params) else "ddpm"
 
 
 def _validate_sd_job(session: Session, settings: Settings, team: Team, body: JobCreate, params: dict,

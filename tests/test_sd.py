@@ -119,6 +119,36 @@ def test_pipeline_folder_loads_and_refuses_pickles_and_custom_components(tiny_sd
     assert err.value.rule == "unsupported_architecture"
 
 
+def test_hub_id_at_a_pinned_revision_loads_offline_and_single_files_need_their_configs(tiny_sd, tmp_path,
+                                                                                        monkeypatch):
+    from tests.test_models_io import SHA, fake_hub_cache
+    from vdu_core.sd.models import is_sd_model, load_sd_pipeline
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    fake_hub_cache(cache, "acme/tiny-sd", tiny_sd)
+    assert is_sd_model("acme/tiny-sd", revision=SHA)
+    assert load_sd_pipeline("acme/tiny-sd", revision=SHA).unet.config.cross_attention_dim == 32
+    with pytest.raises(ModelLoadError) as err:
+        load_sd_pipeline("acme/tiny-sd")
+    assert err.value.rule == "revision_required"
+    from safetensors.torch import save_file
+
+    single = tmp_path / "sd-v1.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, single)
+    assert is_sd_model(single)
+    with pytest.raises(ModelLoadError) as err:
+        load_sd_pipeline(single)
+    assert err.value.rule == "missing_config"
+    pickle = tmp_path / "sd-v1.ckpt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(ModelLoadError) as err:
+        load_sd_pipeline(pickle)
+    assert err.value.rule == "pickle_refused"
+
+
 # --------------------------------------------------------------------------- the loss and the methods
 
 

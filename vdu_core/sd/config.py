@@ -113,10 +113,15 @@ class SDEvalConfig(_Validated):
     seed: int = _spec(1234, ge=0, le=2**31 - 1)
 
 
-def config_for_family(family: str):
-    """(unlearn config class, evaluation config class) of a model family ('ddpm' or 'sd')."""
-    if family == "sd":
-        return SDUnlearnConfig, SDEvalConfig
-    from vdu_core.config import EvalConfig, UnlearnConfig
+def _sd_only_fields() -> frozenset[str]:
+    import dataclasses
 
-    return UnlearnConfig, EvalConfig
+    from vdu_core.config import UnlearnConfig
+
+    return frozenset(f.name for f in dataclasses.fields(SDUnlearnConfig)) - {
+        f.name for f in dataclasses.fields(UnlearnConfig)}
+
+
+#: Parameters only SD jobs have: they mark a job on an uninspected (hub/URL) model as an SD job.
+SD_ONLY_FIELDS = _sd_only_fields()
+

@@ -34,8 +34,13 @@ def run_job(model, forget, out_dir, params: dict, evaluation: dict, *, lineage=(
     if lineage:
         raise ConfigError("lineage checkpoints are not used for Stable Diffusion models (posterior: fisher or "
                           "isotropic)", field="model.lineage")
-    config = SDUnlearnConfig.from_dict(params, prefix="params")
-    ev = SDEvalConfig.from_dict(evaluation, prefix="evaluation")
+    try:
+        config = SDUnlearnConfig.from_dict(params, prefix="params")
+        ev = SDEvalConfig.from_dict(evaluation, prefix="evaluation")
+    except ConfigError as exc:
+        exc.message += (" (this model is a Stable Diffusion pipeline: its job takes SD parameters; for a hub or URL "
+                        "model name one, e.g. params.trainable, so the service validates them as such)")
+        raise
     return run_sd_unlearning(model, forget, out_dir, config, ev, **kwargs)
 
 
