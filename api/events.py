@@ -31,8 +31,6 @@ from jobs.scoping import get_owned
 from jobs.tables import FINAL_STATUSES, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-POLL_INTERVAL_S = 0.5
-KEEPALIVE_S = 15.0
 MAX_STREAM_S = 3600.0  # then the client reconnects with Last-Event-ID
 RETRY_MS = 2000
 BATCH = 500
@@ -90,7 +88,8 @@ def _poll(url: str, team_id: str, job_id: str, after: int) -> tuple[str | None, 
 
 
 async def _event_stream(request: Request, team_id: str, job_id: str, after: int) -> AsyncIterator[str]:
-    url = request.app.state.settings.database_url
+    settings = request.app.state.settings
+    url, poll_s, keepalive_s = settings.database_url, settings.events_poll_interval_s, settings.events_keepalive_s
     yield f"retry: {RETRY_MS}\n: events of job {job_id} after {after}\n\n"
     started = last_sent = time.monotonic()
     while True:
@@ -111,12 +110,12 @@ async def _event_stream(request: Request, team_id: str, job_id: str, after: int)
         now = time.monotonic()
         if now - started > MAX_STREAM_S:
             return
-        if now - last_sent >= KEEPALIVE_S:
+        if now - last_sent >= keepalive_s:
             yield ": keepalive\n\n"
             last_sent = now
         if await request.is_disconnected():
             return
-        await asyncio.sleep(POLL_INTERVAL_S)
+        await asyncio.sleep(poll_s)
 
 
 @router.get(

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     lease_renew_interval_s: float = Field(10.0, gt=0, description="how often a live worker extends its lease")
     progress_interval_s: float = Field(1.0, ge=0, description="at most one progress event per interval")
     cancel_poll_interval_s: float = Field(0.5, ge=0)
+    events_poll_interval_s: float = Field(0.5, gt=0, le=60, description="how often an event stream (SSE) looks")
+    events_keepalive_s: float = Field(15.0, gt=0, le=300, description="an idle event stream sends a comment this often")
     job_soft_time_limit_s: int = Field(6 * 3600, ge=1)
     job_hard_time_limit_s: int = Field(6 * 3600 + 300, ge=1)
     queue_name: str = "training"

@@ -2,7 +2,18 @@
 
 from vdu_client.client import Client, MultipartBody, RetryPolicy
 from vdu_client.errors import APIError, ChecksumMismatch, TransportError, VDUClientError, WaitTimeout
-from vdu_client.types import Artifact, Download, Event, ForgetSet, Job, JobError, Model, Page
+from vdu_client.types import (
+    Artifact,
+    Download,
+    Event,
+    ForgetSet,
+    Job,
+    JobError,
+    Model,
+    Page,
+    WebhookDelivery,
+    WebhookSecret,
+)
 
 __all__ = [
     "APIError",
@@ -21,4 +32,6 @@ __all__ = [
     "TransportError",
     "VDUClientError",
     "WaitTimeout",
+    "WebhookDelivery",
+    "WebhookSecret",
 ]

@@ -301,6 +301,17 @@ def cmd_jobs(client: Client, args) -> int:
     return 0
 
 
+def cmd_webhooks(client: Client, args) -> int:
+    if args.action == "secret":
+        secret = client.rotate_webhook_secret() if args.rotate else client.webhook_secret()
+        emit(args, secret, lambda: details(secret, ("secret", "created_at", "rotated_at", "previous_expires_at")))
+    else:
+        deliveries = client.webhook_deliveries(args.job_id)
+        columns = ("id", "event_type", "status", "attempts", "last_status_code", "last_error", "url")
+        emit(args, deliveries, lambda: table(deliveries, columns))
+    return 0
+
+
 def cmd_download(client: Client, args) -> int:
     bar = None
     progress = None
@@ -409,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", type=int, default=0)
     p = js.add_parser("watch", parents=[*common, watch_opts], help="a live progress bar until the job ends")
     p.add_argument("id")
+
+    hooks = sub.add_parser("webhooks", parents=common, help="the signing secret and a job's deliveries")
+    hooks.set_defaults(func=cmd_webhooks)
+    hs = hooks.add_subparsers(dest="action", required=True)
+    hs.add_parser("secret", parents=common, help="show (or --rotate) the team's secret").add_argument(
+        "--rotate", action="store_true", help="replace it (the old one signs too for a grace period)"
+    )
+    hs.add_parser("deliveries", parents=common, help="a job's webhook messages and attempts").add_argument("job_id")
 
     p = sub.add_parser("download", parents=common, help="download an artifact, sha256 checked")
     p.set_defaults(func=cmd_download)

@@ -30,7 +30,17 @@ import httpx
 
 from vdu_client.errors import APIError, ChecksumMismatch, TransportError, VDUClientError, WaitTimeout
 from vdu_client.sse import parse_sse
-from vdu_client.types import Artifact, Download, Event, ForgetSet, Job, Model, Page
+from vdu_client.types import (
+    Artifact,
+    Download,
+    Event,
+    ForgetSet,
+    Job,
+    Model,
+    Page,
+    WebhookDelivery,
+    WebhookSecret,
+)
 
 Progress = Callable[[int, int | None], None]
 """``progress(done_bytes, total_bytes)``; total is None when unknown."""
@@ -484,6 +494,19 @@ class Client:
             if expired():
                 raise WaitTimeout(job_id, timeout or 0, job.status)
             time.sleep(poll_interval)
+
+    # --- webhooks --------------------------------------------------------------------------------
+    def webhook_secret(self) -> WebhookSecret:
+        """The team's signing secret for job webhooks (created on first request)."""
+        return WebhookSecret.from_dict(self.request("GET", "/v1/webhook-secret"))
+
+    def rotate_webhook_secret(self) -> WebhookSecret:
+        return WebhookSecret.from_dict(self.request("POST", "/v1/webhook-secret/rotate", idempotent=False))
+
+    def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        """The job's webhook messages, each with its attempts."""
+        data = self.request("GET", f"/v1/jobs/{job_id}/webhook-deliveries")
+        return [WebhookDelivery.from_dict(d) for d in data["data"]]
 
     # --- artifacts -------------------------------------------------------------------------------
     def list_artifacts(self, job_id: str) -> list[Artifact]:

@@ -155,3 +155,39 @@ class Download:
     bytes: int
     sha256: str
     verified: bool
+
+
+@dataclass
+class WebhookSecret(Resource):
+    """The team's webhook signing key (``whsec_...``); after a rotation the previous one also signs
+    until ``previous_expires_at``."""
+
+    _datetimes: ClassVar[tuple[str, ...]] = ("created_at", "rotated_at", "previous_expires_at")
+
+    secret: str = ""
+    created_at: datetime | None = None
+    rotated_at: datetime | None = None
+    previous_expires_at: datetime | None = None
+
+
+@dataclass
+class WebhookDelivery(Resource):
+    """One webhook message of a job with every attempt (``log``)."""
+
+    _datetimes: ClassVar[tuple[str, ...]] = ("created_at", "delivered_at", "next_attempt_at")
+
+    id: str = ""
+    job: str = ""
+    event_type: str = ""
+    url: str = ""
+    status: str = ""
+    attempts: int = 0
+    max_attempts: int = 0
+    next_attempt_at: datetime | None = None
+    last_status_code: int | None = None
+    last_latency_ms: int | None = None
+    last_error: str | None = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+    payload: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    delivered_at: datetime | None = None

@@ -184,6 +184,8 @@ def service_stack(pg_url, redis_prefix, s3_server, tmp_path_factory):
         s3_secret_access_key="testing",
         max_steps=2000,
         max_forget_set_upload_bytes=SERVICE_UPLOAD_LIMIT,
+        events_keepalive_s=0.5,
+        worker_preload="true",  # torch is imported once, not in each job's fresh process
     )
     stack = start_stack(env, root)
     yield stack

@@ -134,3 +134,7 @@ def test_a_cancelled_job_is_watched_to_its_end_by_polling(vdu, two_jobs):
     events = as_json(vdu("jobs", "events", job["id"], "--json"))
     assert [e["seq"] for e in events] == [e["seq"] for e in lines[:-1]]
     assert "cancelled" in vdu("jobs", "get", job["id"]).stdout
+    secret = as_json(vdu("webhooks", "secret", "--json"))["secret"]
+    assert secret.startswith("whsec_") and secret in vdu("webhooks", "secret").stdout
+    assert as_json(vdu("webhooks", "secret", "--rotate", "--json"))["secret"] != secret
+    assert as_json(vdu("webhooks", "deliveries", job["id"], "--json")) == []

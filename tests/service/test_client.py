@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import itertools
 import json
 import threading
 import time
@@ -129,10 +130,14 @@ def test_errors_carry_the_problem_and_name_the_field(vdu, inputs, service_stack)
     with pytest.raises(APIError) as unknown:
         vdu.get_job("job_doesnotexist")
     assert unknown.value.status == 404
+    with pytest.raises(APIError) as private:  # loopback receivers are refused unless the operator allows them
+        vdu.create_job(model=model.id, forget_set=forget_set.id, webhook_url="http://127.0.0.1:9/hook")
+    assert private.value.status == 422 and private.value.field == "webhook_url"
 
 
-def read_sse(lines: Iterator[str], count: int | None = None) -> list[dict]:
-    """Parse ``id``/``event``/``data`` frames off a stream's lines (stop after ``count``)."""
+def read_sse(lines: Iterator[str], count: int | None = None, comments: list[str] | None = None) -> list[dict]:
+    """Parse ``id``/``event``/``data`` frames off a stream's lines (stop after ``count``); comment
+    lines go to ``comments``."""
     events, frame = [], {}
     for line in lines:
         if line == "":
@@ -141,7 +146,10 @@ def read_sse(lines: Iterator[str], count: int | None = None) -> list[dict]:
                 if count is not None and len(events) == count:
                     break
             frame = {}
-        elif not line.startswith(":"):
+        elif line.startswith(":"):
+            if comments is not None:
+                comments.append(line)
+        else:
             name, _, value = line.partition(": ")
             frame[name] = value
     return events
@@ -160,12 +168,21 @@ def test_the_event_stream_resumes_with_last_event_id_and_ends_with_the_final_sta
         assert [(e["id"], e["event"]) for e in head] == [("1", "queued"), ("2", "started")]
         assert json.loads(head[0]["data"])["data"] == {"method": "vdu"}
 
-        # Meanwhile a second job queues behind the running one, and is cancelled before it starts.
+        # Meanwhile a second job queues behind the running one: its stream idles (keepalive comments,
+        # every 0.5 s in this stack) until it is cancelled, then ends with `cancelled`.
         queued = vdu.create_job(model=model.id, forget_set=forget_set.id, **LONG_JOB)
-        assert vdu.cancel_job(queued.id).status in ("cancelled", "cancelling")
+        with http.stream("GET", f"{service_stack.base}/v1/jobs/{queued.id}/events/stream") as idle:
+            lines, comments = idle.iter_lines(), []
+            first = read_sse(lines, count=1, comments=comments)
+            while ": keepalive" not in comments:
+                read_sse(itertools.islice(lines, 1), comments=comments)
+            assert vdu.cancel_job(queued.id).status in ("cancelled", "cancelling")
+            after_cancel = read_sse(lines)
+        assert comments[0].startswith(f": events of job {queued.id} after 0") and first[0]["event"] == "queued"
+        assert after_cancel[-1]["event"] == "cancelled"
 
         with http.stream("GET", url, headers={"Last-Event-ID": "2"}, params={"after": 0}) as resumed:
-            rest = read_sse(resumed.iter_lines())  # the header wins over ?after=; ends with the final event
+            rest = read_sse(resumed.iter_lines())  # the header wins over ?after=
         ids = [int(e["id"]) for e in rest]
         assert ids == list(range(3, 3 + len(ids))) and rest[0]["event"] == "progress"
         assert rest[-1]["event"] == "succeeded" and json.loads(rest[-1]["data"])["type"] == "succeeded"
@@ -289,3 +306,11 @@ def test_retries_honour_retry_after_and_back_off_on_connection_errors():
     with Client(f"http://127.0.0.1:{free_port()}", retry=policy) as c, pytest.raises(TransportError):
         c.livez()
     assert time.monotonic() - t0 >= 0.05  # two jittered waits of 0.025-0.05 s and 0.05-0.1 s
+
+
+def test_the_webhook_secret_rotates_and_deliveries_are_listed(vdu, finished_job):
+    first = vdu.webhook_secret()
+    assert first.secret.startswith("whsec_") and vdu.webhook_secret().secret == first.secret
+    rotated = vdu.rotate_webhook_secret()
+    assert rotated.secret != first.secret and rotated.rotated_at and rotated.previous_expires_at
+    assert vdu.webhook_deliveries(finished_job[0].id) == []  # created without a webhook_url
