@@ -141,7 +141,7 @@ def stream_events(
     ] = None,
     last_event_id: Annotated[
         str | None,
-        Header(alias="Last-Event-ID", max_length=64, description="resume after this event; overrides `after`"),
+        Header(alias="Last-Event-ID", description="resume after this event; overrides `after`"),
     ] = None,
 ) -> EventStreamResponse:
     """Stream the job's events (Server-Sent Events), resumable with `Last-Event-ID`."""
