@@ -87,6 +87,7 @@ def run_sd_unlearning(
     resolution = int(unet.config.sample_size) * pipe.vae_scale_factor
     images = forget_set.to_tensor(decoded, channels=3, resolution=resolution)
     device = pick_device(config)
+    pipe.to(device)
 
     # latents: VAE-encoded once, cached by (VAE weights, forget content, resolution)
     content = forget_set._content_sha256((d.name, d.sha256) for d in decoded)
@@ -118,7 +119,7 @@ def run_sd_unlearning(
     if need_anchors and config.anchor_samples > 0:
         _phased(on_progress, "anchors")(Progress(0, 1, {}, 1.0, 0.0, 0.0)) if on_progress else None
         anchors, which = train.draw_anchors(pipe, neutral, config.anchor_samples, config.anchor_sample_steps,
-                                            config.seed, device)
+                                            config.seed, device, should_cancel)
         anchor_idx = torch.tensor([row[neutral[k]] for k in which.tolist()])
     elif config.method == "vdu" and config.anchor_weight > 0:
         raise ConfigError("anchor_weight > 0 needs anchor_samples > 0", field="params.anchor_samples")

@@ -156,7 +156,8 @@ def latents_key(vae_digest: str, content_sha: str, resolution: int) -> str:
 
 
 @torch.no_grad()
-def draw_anchors(pipe, neutral: list[str], n: int, steps: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_anchors(pipe, neutral: list[str], n: int, steps: int, seed: int, device,
+                 should_cancel=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The original's own latents for neutral prompts (prompt i % len(neutral)); returns (latents, prompt idx)."""
     from vdu_core.sampling import initial_noise
 
@@ -165,6 +166,8 @@ def draw_anchors(pipe, neutral: list[str], n: int, steps: int, seed: int, device
     idx = torch.arange(n) % len(neutral)
     latents = []
     for i in range(0, n, 8):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled while drawing anchor latents ({i}/{n})")
         j = idx[i : i + 8]
         noise = initial_noise(len(j), shape, seed, start=i).to(device)
         out = pipe([neutral[k] for k in j.tolist()], num_inference_steps=steps, latents=noise,
@@ -306,6 +309,8 @@ def unlearn_sd(unet, scheduler, data: SDData, config: SDUnlearnConfig, posterior
     p0 = probe.loss(unet)
     ratio = 1.0
     amp = autocast_dtype(config, device)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     if use_checkpointing(config, device):
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -328,7 +333,8 @@ def unlearn_sd(unet, scheduler, data: SDData, config: SDUnlearnConfig, posterior
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             terms = method.compute(ctx, batch)
-        terms.loss.backward()
+        scaler.scale(terms.loss).backward()
+        scaler.unscale_(opt)  # the analytic stability gradient below is added unscaled
         losses = dict(terms.report)
         if regularizer is not None:
             stab = regularizer.add_grad_(terms.stability_scale)
@@ -337,7 +343,8 @@ def unlearn_sd(unet, scheduler, data: SDData, config: SDUnlearnConfig, posterior
         else:
             losses["objective"] = float(terms.loss.detach())
         losses["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         if step % config.probe_every == 0 or step == config.steps:
             unet.eval()
             ratio = probe.loss(unet) / max(p0, 1e-12)
