@@ -27,7 +27,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from markupsafe import Markup
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from starlette.concurrency import run_in_threadpool
 
 from api import artifacts as artifacts_api
@@ -347,6 +347,7 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
         return _login_form(request, next_page, error="invalid or revoked API key", status=401)
     token = secrets.token_urlsafe(32)
     now = utcnow()
+    session.execute(delete(DashboardSession).where(DashboardSession.expires_at < now))  # tidy expired sign-ins
     session.add(
         DashboardSession(
             id=new_id("dashboard_session"),

@@ -184,7 +184,7 @@ def send_webhook(url: str, body: bytes, headers: dict[str, str], settings: Setti
             )
             response = client.send(request, stream=True)  # the body is never read: status only
             response.close()
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, OSError, ValueError) as exc:  # whatever the receiver does, the attempt is recorded
         return result(None, f"{type(exc).__name__}: {exc}")
     code = response.status_code
     if 300 <= code < 400:

@@ -15,9 +15,10 @@ import pytest
 from jobs import ledger
 from jobs.db import session_scope
 from jobs.tables import WebhookDelivery
-from jobs.webhook_delivery import deliver_due
+from jobs.webhook_delivery import WebhookLoop, deliver_due
 from jobs.webhooks import WebhookVerificationError, new_secret, signed_headers, verify_webhook
 from tests.service.helpers import make_forget_set_row, make_model_row
+from tests.service.stack import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,14 +29,18 @@ class Receiver:
     def __init__(self, statuses: list[int]):
         self.statuses = list(statuses)
         self.received: list[tuple[dict[str, str], bytes]] = []
+        self.paths: list[str] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 receiver.received.append((dict(self.headers.items()), body))
+                receiver.paths.append(self.path)
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "/elsewhere")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -82,6 +87,12 @@ def finished_job(settings, team_id: str, webhook_url: str, outcome: str = "succe
         else:
             ledger.fail(s, job_id, "w1", code="boom", message="it broke")
     return job_id
+
+
+def forget_pending(settings, job_id: str) -> None:
+    """Drop a message left pending, so that later delivery passes (other tests, workers) skip it."""
+    with session_scope(settings) as s:
+        s.query(WebhookDelivery).filter_by(job_id=job_id).delete()
 
 
 def deliver_until(settings, predicate, timeout: float = 20.0) -> None:
@@ -163,6 +174,18 @@ def test_a_loopback_receiver_is_refused_at_send_time_unless_the_operator_allows_
     (delivery,) = api.client.get(f"/v1/jobs/{job_id}/webhook-deliveries", headers=auth).json()["data"]
     assert delivery["event_type"] == "job.failed" and delivery["status"] == "pending"
     assert delivery["log"][0]["status_code"] is None and delivery["log"][0]["error"].startswith("refused:")
+    forget_pending(settings, job_id)
+
+
+def test_a_redirect_is_not_followed_but_retried(api, sender):
+    team_id, auth = api.new_team()
+    with Receiver([302]) as receiver:
+        job_id = finished_job(sender, team_id, receiver.url)
+        deliver_until(sender, lambda: len(receiver.received) >= 2)
+    assert receiver.paths == ["/hooks/vdu", "/hooks/vdu"]  # never /elsewhere
+    (delivery,) = api.client.get(f"/v1/jobs/{job_id}/webhook-deliveries", headers=auth).json()["data"]
+    assert delivery["log"][0]["status_code"] == 302 and delivery["log"][0]["error"] == "redirect not followed"
+    assert delivery["status"] == "succeeded"
 
 
 def test_after_a_rotation_both_secrets_sign_until_the_grace_period_ends(api, sender):
@@ -173,7 +196,11 @@ def test_after_a_rotation_both_secrets_sign_until_the_grace_period_ends(api, sen
     assert new != old and rotated["previous_expires_at"] and rotated["rotated_at"]
     with Receiver([]) as receiver:
         finished_job(sender, team_id, receiver.url)
-        deliver_until(sender, lambda: receiver.received)
+        loop = WebhookLoop(sender.model_copy(update={"webhook_poll_interval_s": 0.1})).start()  # as workers run it
+        try:
+            wait_until(lambda: receiver.received, 20, what="the delivery loop")
+        finally:
+            loop.stop()
     headers, body = receiver.received[0]
     assert len(headers["webhook-signature"].split()) == 2
     assert verify_webhook(new, headers, body) == verify_webhook(old, headers, body)
@@ -186,3 +213,4 @@ def test_cancelling_a_queued_job_through_the_api_records_its_webhook_without_sen
     with session_scope(settings) as s:
         (row,) = s.query(WebhookDelivery).filter_by(job_id=job_id).all()
         assert row.event_type == "job.cancelled" and row.attempts == 0 and row.payload["data"]["status"] == "cancelled"
+    forget_pending(settings, job_id)
