@@ -188,7 +188,7 @@ def metric_rows(metrics: dict[str, Any] | None) -> list[dict[str, str]]:
             value, how = "not computed", str(rec.get("reason", ""))
         else:
             value = fmt_number(rec.get("value"))
-            if rec.get("unit") and rec.get("value") is not None:
+            if rec.get("unit") not in (None, "", "fraction") and rec.get("value") is not None:
                 value += f" {rec['unit']}"
             how = str(rec.get("implementation", ""))
         details = ", ".join(
@@ -575,10 +575,10 @@ def compare_page(request: Request, session: SessionDep, a: str | None = None, b:
     if a and b:
         pair = [_owned(session, Job, job_id, signed.team.id) for job_id in (a, b)]
     keys = sorted({r["key"] for j in pair for r in metric_rows(j.metrics)})
-    table = [
-        {"key": k, "cells": [next((r for r in metric_rows(j.metrics) if r["key"] == k), None) for j in pair]}
-        for k in keys
-    ]
+    table = []
+    for k in keys:
+        cells = [next((r for r in metric_rows(j.metrics) if r["key"] == k), None) for j in pair]
+        table.append({"key": k, "cells": cells, "how": next((c["how"] for c in cells if c), "")})
     warning = None
     if pair and (pair[0].model_id != pair[1].model_id or pair[0].forget_set_id != pair[1].forget_set_id):
         warning = "these jobs differ in model or forget set, not only in method or parameters"

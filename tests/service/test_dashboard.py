@@ -175,3 +175,30 @@ def test_uploads_from_the_pages_are_checked_like_the_api(api, team, browser):
         follow_redirects=False,
     )
     assert pinned.status_code == 303 and pinned.headers["location"].startswith("/dashboard/jobs/new?model=mdl_")
+
+
+def test_two_jobs_compare_side_by_side_with_how_each_metric_was_computed(api, team, browser):
+    pul = {"value": 92.5, "computed": True, "unit": "%", "implementation": f"builtin classifier {EVIL}"}
+    ids = []
+    with session_scope(api.settings) as s:
+        for method, gamma, model in (("vdu", 0.5, team["model"]), ("gradient_ascent", 0.0, None)):
+            job = ledger.create_job(
+                s,
+                team_id=team["id"],
+                model_id=model or make_model_row(s, team["id"]).id,
+                forget_set_id=team["forget_set"],
+                method=method,
+                params={"gamma": gamma, "steps": 5},
+                evaluation={},
+                max_attempts=1,
+            )
+            ledger.claim(s, job.id, "w", 30)
+            ledger.succeed(s, job.id, "w", metrics={"pul": pul}, artifacts={"files": {}})
+            ids.append(job.id)
+    sign_in(browser, team["key"])
+    page = browser.get(f"/dashboard/compare?a={ids[0]}&b={ids[1]}")
+    assert page.status_code == 200
+    row = re.search(r'<tr data-metric="pul">(.*?)</tr>', page.text, re.S).group(1)
+    assert row.count("92.5 %") == 2 and "builtin classifier &lt;script&gt;" in row
+    assert 'id="compare-warning"' in page.text  # the second job used another model
+    assert "no sample grids (succeeded)" in page.text
