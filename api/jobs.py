@@ -53,16 +53,22 @@ def request_hash(body: JobCreate) -> str:
 def validate_job(
     session: Session, settings: Settings, team: Team, body: JobCreate
 ) -> tuple[dict, dict, Model, ForgetSet]:
-    """Check everything a job needs before it is queued; return the resolved params and evaluation."""
+    """Check everything a job needs before it is queued; return the resolved params and evaluation.
+
+    A job on a Stable Diffusion model is validated with ``vdu_core.sd.config`` (torch-free)."""
     params = dict(body.params)
     if "method" in params and params["method"] != body.method:
         raise InvalidInput("params.method disagrees with method; set only `method`", field="params.method")
     params["method"] = body.method
     model = session.scalar(scoped(Model, team.id).where(Model.id == body.model))
-    if model_family(model, params) == "sd":
-        return _validate_sd_job(session, settings, team, body, params, model)
+    sd = model_family(model, params) == "sd"
+    if sd:
+        from vdu_core.sd.config import SDEvalConfig as eval_cls
+        from vdu_core.sd.config import SDUnlearnConfig as config_cls
+    else:
+        config_cls, eval_cls = UnlearnConfig, EvalConfig
     try:
-        config = UnlearnConfig.from_dict(params, prefix="params")
+        config = config_cls.from_dict(params, prefix="params")
     except ConfigError as exc:
         if exc.field == "params.method":
             exc.field = "method"
@@ -72,8 +78,10 @@ def validate_job(
             f"params.steps must be <= {settings.max_steps} on this service; got {config.steps}",
             field="params.steps",
         )
-    evaluation = EvalConfig.from_dict(body.evaluation, prefix="evaluation")
-    if evaluation.classifier not in settings.allowed_classifiers:
+    evaluation = eval_cls.from_dict(body.evaluation, prefix="evaluation")
+    if sd:
+        _check_sd_evaluation(evaluation)
+    elif evaluation.classifier not in settings.allowed_classifiers:
         raise InvalidInput(
             f"evaluation.classifier must be one of {', '.join(settings.allowed_classifiers)}",
             field="evaluation.classifier",
@@ -83,7 +91,11 @@ def validate_job(
     forget_set = session.scalar(scoped(ForgetSet, team.id).where(ForgetSet.id == body.forget_set))
     if forget_set is None:
         raise InvalidInput(f"forget set {body.forget_set!r} not found", field="forget_set")
-    if config.posterior == "lineage" and not model.lineage:
+    if sd and not config.prompts and not (forget_set.summary or {}).get("prompts"):
+        raise InvalidInput(
+            "name the feature: a prompts.txt in the forget set or params.prompts", field="params.prompts"
+        )
+    if not sd and config.posterior == "lineage" and not model.lineage:
         raise InvalidInput(
             "posterior 'lineage' needs lineage checkpoints registered with the model",
             field="params.posterior",
@@ -108,41 +120,14 @@ def model_family(model: Model | None, params: dict) -> str:
     return "sd" if params.get("method") == "esd" or any(k in SD_ONLY_FIELDS for k in params) else "ddpm"
 
 
-def _validate_sd_job(session: Session, settings: Settings, team: Team, body: JobCreate, params: dict,
-                     model: Model | None) -> tuple[dict, dict, Model, ForgetSet]:
-    """A job on a Stable Diffusion model: ``vdu_core.sd.config`` validates it (torch-free)."""
-    from vdu_core.sd.config import SDEvalConfig, SDUnlearnConfig
+def _check_sd_evaluation(evaluation) -> None:
     from vdu_core.sd.detectors import check_detector_name
+    from vdu_core.sd.prompts import get_prompt_set
 
-    try:
-        config = SDUnlearnConfig.from_dict(params, prefix="params")
-    except ConfigError as exc:
-        if exc.field == "params.method":
-            exc.field = "method"
-        raise
-    if config.steps > settings.max_steps:
-        raise InvalidInput(
-            f"params.steps must be <= {settings.max_steps} on this service; got {config.steps}", field="params.steps"
-        )
-    evaluation = SDEvalConfig.from_dict(body.evaluation, prefix="evaluation")
     check_detector_name(evaluation.detector)
-    if evaluation.feature_prompt_set is not None:
-        from vdu_core.sd.prompts import get_prompt_set
-
-        get_prompt_set(evaluation.feature_prompt_set)
-    if model is None:
-        raise InvalidInput(f"model {body.model!r} not found", field="model")
-    forget_set = session.scalar(scoped(ForgetSet, team.id).where(ForgetSet.id == body.forget_set))
-    if forget_set is None:
-        raise InvalidInput(f"forget set {body.forget_set!r} not found", field="forget_set")
-    if not config.prompts and not (forget_set.summary or {}).get("prompts"):
-        raise InvalidInput(
-            "name the feature: a prompts.txt in the forget set or params.prompts", field="params.prompts"
-        )
-    if body.webhook_url is not None:
-        check_url(body.webhook_url, field="webhook_url", allow_private=settings.allow_private_urls,
-                  schemes=("https", "http"))
-    return config.to_dict(), evaluation.to_dict(), model, forget_set
+    for field in ("feature_prompt_set", "neutral_prompt_set"):
+        if getattr(evaluation, field) is not None:
+            get_prompt_set(getattr(evaluation, field), field=f"evaluation.{field}")
 
 
 def _replay(existing: Job, digest: str, response: Response, request: Request) -> JobOut:

@@ -563,19 +563,14 @@ def _pickle_error(path: Path, base: Path) -> ModelLoadError:
     )
 
 
-def _unet_folder(
-    folder: Path, *, with_weights: bool = True
-) -> tuple[dict, list[Path], dict[str, TensorInfo]]:
-    """Validate ``config.json`` and the weights of a UNet folder (a single file or an index of shards)."""
-    cfg = _read_json(folder / "config.json", "UNet config")
-    _check_unet_config(cfg, str(folder / "config.json"))
-    if not with_weights:
-        return cfg, [], {}
-    weights = folder / WEIGHTS_NAME
-    index = folder / WEIGHTS_INDEX_NAME
+def weight_files(folder: Path, weights_name: str = WEIGHTS_NAME) -> list[Path]:
+    """The safetensors weights of a model folder: ``weights_name``, or the shards its
+    ``.index.json`` names (checked: plain names, all present); a folder with only pickles is refused."""
+    weights = folder / weights_name
+    index = folder / f"{weights_name}.index.json"
     if weights.is_file():
-        files = [weights]
-    elif index.is_file():
+        return [weights]
+    if index.is_file():
         weight_map = _read_json(index, "weights index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelLoadError(f"{index.name} has no weight_map", rule="invalid_config")
@@ -587,11 +582,22 @@ def _unet_folder(
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ModelLoadError(f"{folder}: shard {missing[0]} is missing", rule="not_found")
-    else:
-        pickles = _pickles_in(folder)
-        if pickles:
-            raise _pickle_error(pickles[0], folder.parent)
-        raise ModelLoadError(f"{folder}: {WEIGHTS_NAME} is missing", rule="not_found")
+        return files
+    pickles = _pickles_in(folder)
+    if pickles:
+        raise _pickle_error(pickles[0], folder.parent)
+    raise ModelLoadError(f"{folder}: {weights_name} is missing", rule="not_found")
+
+
+def _unet_folder(
+    folder: Path, *, with_weights: bool = True
+) -> tuple[dict, list[Path], dict[str, TensorInfo]]:
+    """Validate ``config.json`` and the weights of a UNet folder (a single file or an index of shards)."""
+    cfg = _read_json(folder / "config.json", "UNet config")
+    _check_unet_config(cfg, str(folder / "config.json"))
+    if not with_weights:
+        return cfg, [], {}
+    files = weight_files(folder)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         for key, info in read_safetensors_header(f).items():

@@ -71,31 +71,6 @@ def _index_class(index: Path) -> Any:
     return base._read_json(index, "pipeline index").get("_class_name")
 
 
-def _weight_files(folder: Path, weight_name: str) -> list[Path]:
-    """The safetensors weights of a component folder (one file or the shards of an index)."""
-    single = folder / weight_name
-    index = folder / f"{weight_name}.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        weight_map = base._read_json(index, "weights index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelLoadError(f"{folder.name}/{index.name} has no weight_map", rule="invalid_config")
-        names = sorted(set(weight_map.values()))
-        for name in names:
-            if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".safetensors"):
-                raise ModelLoadError(f"{index.name} names an invalid shard {name!r}", rule="invalid_config")
-        files = [folder / n for n in names]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ModelLoadError(f"{folder.name}: shard {missing[0]} is missing", rule="not_found")
-        return files
-    pickles = base._pickles_in(folder)
-    if pickles:
-        raise base._pickle_error(pickles[0], folder.parent)
-    raise ModelLoadError(f"{folder.name}/{weight_name} is missing", rule="not_found")
-
-
 def resolve_sd_folder(path: Path) -> dict[str, Any]:
     """Validate a pipeline folder without torch; return its components, configs and weight headers."""
     path = Path(path)
@@ -138,7 +113,7 @@ def resolve_sd_folder(path: Path) -> dict[str, Any]:
                                  rule="invalid_config")
         tensors = {}
         if weight_name is not None:
-            for f in _weight_files(folder, weight_name):
+            for f in base.weight_files(folder, weight_name):
                 tensors.update(base.read_safetensors_header(f))
         out["components"][name] = {"class": entry[1], "config": config, "folder": folder}
         out["tensors"][name] = tensors
