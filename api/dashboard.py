@@ -10,6 +10,7 @@ served with a Content-Security-Policy that allows nothing else.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -19,7 +20,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 from urllib.parse import quote
 
 import jinja2
@@ -65,7 +66,6 @@ CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-METHODS = ("vdu", "vdu_paper", "gradient_ascent")
 POSTERIORS = ("auto", "lineage", "fisher", "self_snapshots", "isotropic")
 PLOT_TERMS = ("stability", "plasticity")
 MAX_PLOT_POINTS = 400
@@ -413,6 +413,18 @@ def new_job_page(
     return _job_form(request, session, signed, {"model": model, "forget_set": forget_set})
 
 
+@functools.cache
+def method_names() -> tuple[str, ...]:
+    """Every method a job may name, as the library's configs declare them (DDPM, then SD-only)."""
+    from vdu_core.config import UnlearnConfig
+    from vdu_core.sd.config import SDUnlearnConfig
+
+    names: dict[str, None] = {}
+    for config in (UnlearnConfig, SDUnlearnConfig):
+        names.update(dict.fromkeys(get_args(get_type_hints(config)["method"])))
+    return tuple(names)
+
+
 def _job_form(request: Request, session, signed: Signed, values: dict, error: str | None = None, status: int = 200):
     return render(
         request,
@@ -421,7 +433,7 @@ def _job_form(request: Request, session, signed: Signed, values: dict, error: st
         signed=signed,
         models=_team_rows(session, Model, signed.team.id),
         forget_sets=_team_rows(session, ForgetSet, signed.team.id),
-        methods=METHODS,
+        methods=method_names(),
         posteriors=POSTERIORS,
         values=values,
         idempotency_key=values.get("idempotency_key") or secrets.token_hex(16),
