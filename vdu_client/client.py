@@ -546,7 +546,7 @@ class Client:
                         if response.status_code == 200:
                             length = response.headers.get("content-length")
                             total = int(length) if length and length.isdigit() else None
-                        for chunk in response.iter_bytes(CHUNK):
+                        for chunk in response.iter_bytes():  # as they arrive: a drop loses nothing
                             fh.write(chunk)
                             digest.update(chunk)
                             written += len(chunk)

@@ -314,3 +314,52 @@ def test_the_webhook_secret_rotates_and_deliveries_are_listed(vdu, finished_job)
     rotated = vdu.rotate_webhook_secret()
     assert rotated.secret != first.secret and rotated.rotated_at and rotated.previous_expires_at
     assert vdu.webhook_deliveries(finished_job[0].id) == []  # created without a webhook_url
+
+
+class HalfThenRange(http.server.BaseHTTPRequestHandler):
+    """Serves ``BODY``: the first full request breaks off halfway (the connection drops); a
+    ``Range`` request with the right ``If-Range`` gets the rest (206)."""
+
+    BODY = bytes(range(256)) * 4096
+    ranges: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the http.server interface
+        etag = f'"{hashlib.sha256(self.BODY).hexdigest()}"'
+        wanted = self.headers.get("Range")
+        HalfThenRange.ranges.append(wanted or "")
+        if wanted and self.headers.get("If-Range") == etag:
+            start = int(wanted.removeprefix("bytes=").rstrip("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(self.BODY) - 1}/{len(self.BODY)}")
+            body = self.BODY[start:]
+        else:
+            self.send_response(200)
+            body = self.BODY
+        self.send_header("ETag", etag)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if wanted:
+            self.wfile.write(body)
+        else:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_download_cut_off_halfway_resumes_with_range_and_is_verified(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfThenRange)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    HalfThenRange.ranges[:] = []
+    try:
+        with Client(f"http://127.0.0.1:{server.server_address[1]}", retry=RetryPolicy(base=0.01)) as c:
+            result = c.download("job_x", dest=tmp_path / "ckpt.tar")
+    finally:
+        server.shutdown()
+    half = len(HalfThenRange.BODY) // 2
+    assert HalfThenRange.ranges == ["", f"bytes={half}-"]
+    assert result.verified and (tmp_path / "ckpt.tar").read_bytes() == HalfThenRange.BODY
+    assert list(tmp_path.iterdir()) == [tmp_path / "ckpt.tar"]
