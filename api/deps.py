@@ -105,6 +105,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         data = json.loads(bytes(body), parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedJSON(f"the body is not valid JSON: {exc}"[:300], field="body") from exc
+    except RecursionError as exc:  # "[[[[..." within the size limit
+        raise MalformedJSON("the body is not valid JSON: nested too deeply", field="body") from exc
     return data
 
 

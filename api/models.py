@@ -87,7 +87,7 @@ def _register_ref(session: Session, settings: Settings, team_id: str, body: Mode
     row = Model(
         id=new_id("model"),
         team_id=team_id,
-        name=body.name,
+        name=check_name(body.name, "", field="name"),
         source=body.source,
         hub_id=body.hub_id,
         revision=body.revision,

@@ -17,13 +17,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs.db import is_transient
 from jobs.errors import ServiceError
 from vdu_core.errors import VDUError
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
+DATABASE_RETRY_AFTER_S = 5
 
 #: code -> (status, title, description): served at /problems/{code}
 PROBLEM_TYPES: dict[str, tuple[int, str, str]] = {
@@ -61,6 +64,11 @@ PROBLEM_TYPES: dict[str, tuple[int, str, str]] = {
     "storage_unavailable": (503, "Storage unavailable", "Artifact storage refused the operation."),
     "artifact_missing": (404, "Artifact missing", "The artifact is recorded but missing from storage."),
     "not_ready": (503, "Not ready", "A dependency (database, broker, storage) is unavailable."),
+    "database_unavailable": (
+        503,
+        "Database unavailable",
+        "The database cannot be reached (a restart or an outage); retry after `Retry-After` seconds.",
+    ),
     "internal_error": (
         500,
         "Internal server error",
@@ -219,9 +227,24 @@ def install_problem_handlers(app: FastAPI) -> None:
                 headers = {**(headers or {}), "Allow": ", ".join(allowed)}
         return problem_response(exc.status_code, detail, code=code, request=request, headers=headers)
 
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError):
+        if not is_transient(exc):
+            return await _unexpected(request, exc)
+        log.warning(
+            "database unavailable on %s %s: %s", request.method, request.url.path, type(exc.orig or exc).__name__
+        )
+        return problem_response(
+            503,
+            "the database is unavailable; retry shortly",
+            code="database_unavailable",
+            request=request,
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return problem_response(500, "an unexpected error occurred", code="internal_error", request=request)
 
     @app.get("/problems/{code}", include_in_schema=False)

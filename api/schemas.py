@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.tables import ForgetSet, Job, JobEvent, Model
 
+PRINTABLE_ID = r"^[\x21-\x7e]+$"
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -135,8 +137,10 @@ class ModelOut(BaseModel):
 
 # --- jobs --------------------------------------------------------------------------------------
 class JobCreate(Strict):
-    model: str = Field(min_length=1, max_length=64, description="id of a registered model")
-    forget_set: str = Field(min_length=1, max_length=64, description="id of an uploaded forget set")
+    model: str = Field(min_length=1, max_length=64, pattern=PRINTABLE_ID, description="id of a registered model")
+    forget_set: str = Field(
+        min_length=1, max_length=64, pattern=PRINTABLE_ID, description="id of an uploaded forget set"
+    )
     method: str = Field("vdu", min_length=1, max_length=32)
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (vdu_core UnlearnConfig)")
     evaluation: dict[str, Any] = Field(default_factory=dict, description="evaluation options (vdu_core EvalConfig)")

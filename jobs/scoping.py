@@ -8,6 +8,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from jobs.errors import NotFound
+from jobs.ids import ID_PATTERN
 from jobs.tables import ForgetSet, Job, Model
 
 T = TypeVar("T", ForgetSet, Job, Model)
@@ -31,10 +32,12 @@ def get_owned(
 ) -> T:
     """The row with ``resource_id`` if it belongs to ``team_id``; otherwise ``NotFound``
     (the same answer whether the id is unknown or someone else's)."""
+    if not isinstance(resource_id, str) or not ID_PATTERN.match(resource_id):
+        raise NotFound(RESOURCE_NAMES[table], str(resource_id), field=field)  # junk (a NUL byte...) never reaches SQL
     stmt = scoped(table, team_id).where(table.id == resource_id)
     if for_update:
         stmt = stmt.with_for_update()
-    row = session.scalars(stmt).one_or_none() if isinstance(resource_id, str) else None
+    row = session.scalars(stmt).one_or_none()
     if row is None:
         raise NotFound(RESOURCE_NAMES[table], str(resource_id), field=field)
     return row
