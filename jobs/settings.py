@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     maintenance_interval_s: float = Field(15.0, gt=0, description="reaper + reconciler period")
     reconcile_grace_s: float = Field(60.0, ge=0, description="a queued job unseen by the broker this long is re-sent")
     db_retry_max_s: float = Field(120.0, ge=0, description="how long a worker retries a lost database")
+    worker_preload: bool = Field(
+        False,
+        description="import torch and diffusers once in the worker's main process, so that each job's fresh "
+        "child process starts warm (CUDA is first touched in the child, after the fork)",
+    )
 
     # Security
     allow_private_urls: bool = False

@@ -35,6 +35,17 @@ def _setup_logging(**_kwargs):
     configure_logging(settings.log_level, settings.log_json)
 
 
+@signals.worker_init.connect
+def _preload(**_kwargs):
+    """``worker_preload``: pay the 10-30 s import of torch + diffusers once, not once per job."""
+    if settings.worker_preload:
+        import diffusers  # noqa: F401
+        from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: F401
+
+        import vdu_core.run  # noqa: F401
+        from vdu_core import anchors, forget_set, loop, methods, models, posterior  # noqa: F401
+
+
 @signals.worker_ready.connect
 def _start_maintenance(sender=None, **_kwargs):
     global _maintenance, _webhooks
