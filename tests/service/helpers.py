@@ -51,6 +51,35 @@ def job_count(session: Session, team_id: str) -> int:
     return count_rows(session, Job, team_id)
 
 
+# --- what a request leaves behind, and the problem it answers --------------------------------
+def snapshot(api, team_id: str) -> dict:
+    """Everything a request could leave behind for ``team_id``."""
+    from jobs.db import session_scope
+
+    with session_scope(api.settings) as s:
+        rows = {t.__tablename__: count_rows(s, t, team_id) for t in (ForgetSet, Model, Job)}
+    tmp = api.settings.resolved_upload_tmp_dir()
+    return {
+        "rows": rows,
+        "files": api.storage.list(f"teams/{team_id}"),
+        "tmp": sorted(p.name for p in tmp.iterdir()) if tmp.exists() else [],
+    }
+
+
+def assert_problem(resp, status: int, field: str | None = None, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json"), resp.headers
+    body = resp.json()
+    for key in ("type", "title", "status", "detail"):
+        assert key in body, body
+    assert body["status"] == status
+    if field is not None:
+        assert body.get("field") == field, body
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
 # --- files -------------------------------------------------------------------------------------
 def png_bytes(seed: int = 0, size: int = 28) -> bytes:
     """A small grey PNG with a blob in it (a stand-in digit; the API only validates images)."""

@@ -16,13 +16,14 @@ from api.keys import revoke_key
 from jobs import ledger
 from jobs.db import session_scope
 from jobs.queue import CeleryDispatcher
-from jobs.tables import ApiKey, ForgetSet, Job, Model
+from jobs.tables import ApiKey, Job
 from tests.service.helpers import (
     PICKLE_PAYLOAD,
     TINY,
-    count_rows,
+    assert_problem,
     png_bytes,
     safetensors_bytes,
+    snapshot,
     tar_bytes,
     tiny_model_archive,
     zip_bytes,
@@ -34,32 +35,6 @@ EVALUATION = {"num_samples": 8, "grid_samples": 8, "sample_steps": 4, "forget_cl
 
 
 # --- helpers -----------------------------------------------------------------------------------
-def snapshot(api, team_id: str) -> dict:
-    """Everything a request could leave behind for ``team_id``."""
-    with session_scope(api.settings) as s:
-        rows = {t.__tablename__: count_rows(s, t, team_id) for t in (ForgetSet, Model, Job)}
-    tmp = api.settings.resolved_upload_tmp_dir()
-    return {
-        "rows": rows,
-        "files": api.storage.list(f"teams/{team_id}"),
-        "tmp": sorted(p.name for p in tmp.iterdir()) if tmp.exists() else [],
-    }
-
-
-def assert_problem(resp, status: int, field: str | None = None, code: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/problem+json"), resp.headers
-    body = resp.json()
-    for key in ("type", "title", "status", "detail"):
-        assert key in body, body
-    assert body["status"] == status
-    if field is not None:
-        assert body.get("field") == field, body
-    if code is not None:
-        assert body["code"] == code, body
-    return body
-
-
 def upload_forget_set(api, headers, files=None, name="digits") -> dict:
     files = files or [
         ("file", ("digits.zip", zip_bytes({f"{i}.png": png_bytes(i) for i in range(6)}), "application/zip"))
