@@ -32,6 +32,9 @@ VERSIONED_PACKAGES = {
     "pillow": "pillow",
     "vdu-service": "vdu_core",
 }
+#: Shown only where installed: the Stable Diffusion path's libraries (extra ``sd``, ``nudity``).
+OPTIONAL_PACKAGES = {"transformers": "transformers", "peft": "peft", "accelerate": "accelerate",
+                     "nudenet": "nudenet"}
 #: Keys of a metric's dict that say how it was computed (rendered in their own columns).
 HOW_KEYS = ("implementation", "num_samples", "seed")
 
@@ -45,6 +48,7 @@ def write_model_card(
     metrics: dict[str, Any] | None,
     inputs: dict[str, str],
     outputs: dict[str, str] | None = None,
+    pipeline_class: str = "DDPMPipeline",
 ) -> Path:
     """Write ``out_dir/README.md`` and return its path.
 
@@ -62,7 +66,8 @@ def write_model_card(
     if outputs is None:
         outputs = _hash_outputs(out_dir, skip=card)
     text = render_model_card(
-        forgotten=forgotten, method=method, params=params, metrics=metrics, inputs=inputs, outputs=outputs
+        forgotten=forgotten, method=method, params=params, metrics=metrics, inputs=inputs, outputs=outputs,
+        pipeline_class=pipeline_class,
     )
     fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=out_dir)
     try:
@@ -83,17 +88,20 @@ def render_model_card(
     metrics: dict[str, Any] | None,
     inputs: dict[str, str],
     outputs: dict[str, str],
+    pipeline_class: str = "DDPMPipeline",
 ) -> str:
-    """The card's text (see :func:`write_model_card`)."""
+    """The card's text (see :func:`write_model_card`). ``pipeline_class``: the diffusers class that
+    loads the folder (``StableDiffusionPipeline`` for text-to-image models)."""
+    tag = "text-to-image" if pipeline_class == "StableDiffusionPipeline" else "unconditional-image-generation"
     lines = [
         "---",
         "library_name: diffusers",
-        "pipeline_tag: unconditional-image-generation",
+        f"pipeline_tag: {tag}",
         "tags:",
         "- unlearning",
         "- vdu",
         "- diffusers",
-        "- unconditional-image-generation",
+        f"- {tag}",
         "---",
         "",
         "# Unlearned diffusion model",
@@ -102,8 +110,8 @@ def render_model_card(
         f"{_text(forgotten)}. It loads with plain diffusers:",
         "",
         "```python",
-        "from diffusers import DDPMPipeline",
-        'pipe = DDPMPipeline.from_pretrained("path/to/this/folder")',
+        f"from diffusers import {_code(pipeline_class)}",
+        f'pipe = {_code(pipeline_class)}.from_pretrained("path/to/this/folder")',
         "```",
         "",
         "## What was forgotten",
@@ -144,6 +152,11 @@ def library_versions() -> dict[str, str]:
             versions[shown] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[shown] = "source tree (not installed)" if shown == "vdu_core" else "not installed"
+    for dist, shown in OPTIONAL_PACKAGES.items():
+        try:
+            versions[shown] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
     return versions
 
 

@@ -196,7 +196,9 @@ def run_sd_unlearning(
             tmp, forgotten=f"the feature named by {feature_prompts[0]!r} ({len(decoded)} forget-set images)",
             method=config.method, params=config.to_dict(), metrics=metrics,
             inputs={"model": record["model"]["sha256"], "forget_set": record["forget_set"]["sha256"]},
-            outputs={"unet/diffusion_pytorch_model.safetensors": models.sha256_file(weights)})
+            outputs={"unet/diffusion_pytorch_model.safetensors": models.sha256_file(weights),
+                     **{f: models.sha256_file(tmp / f) for f in delta_files}},
+            pipeline_class="StableDiffusionPipeline")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.replace(out_dir)
