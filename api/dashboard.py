@@ -20,11 +20,11 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Annotated, Any, get_args, get_type_hints
 from urllib.parse import quote
 
 import jinja2
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from markupsafe import Markup
 from pydantic import ValidationError
@@ -262,7 +262,8 @@ def loss_plot_svg(series: dict[str, list[tuple[int, float]]], total_steps: int |
     return Markup("".join(parts))  # noqa: S704 - built from numbers and fixed strings only
 
 
-def live_state(session, job: Job) -> dict[str, Any]:
+def live_state(session, job: Job, known_seq: int | None = None) -> dict[str, Any]:
+    """What the job page shows live; the plot is left out (None) when no event came since ``known_seq``."""
     progress = job.progress or {}
     total, step = progress.get("total") or 0, progress.get("step") or 0
     percent = 100 if job.status == "succeeded" else (round(100 * step / total) if total else 0)
@@ -277,7 +278,10 @@ def live_state(session, job: Job) -> dict[str, Any]:
         "eta_s": progress.get("eta_s"),
         "losses": progress.get("losses") or {},
         "error": job.error,
-        "plot_svg": str(loss_plot_svg(loss_series(session, job.id), job.params.get("steps"))),
+        "event_seq": job.event_seq,
+        "plot_svg": None
+        if known_seq == job.event_seq
+        else str(loss_plot_svg(loss_series(session, job.id), job.params.get("steps"))),
     }
 
 
@@ -538,13 +542,16 @@ def job_page(request: Request, job_id: str, session: SessionDep) -> HTMLResponse
 
 
 @router.get("/jobs/{job_id}/live")
-def job_live(request: Request, job_id: str, session: SessionDep) -> Response:
-    """The job's state for the page's polling script (cookie auth; JSON; problem+json errors)."""
+def job_live(
+    request: Request, job_id: str, session: SessionDep, seq: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None
+) -> Response:
+    """The job's state for the page's polling script (cookie auth; JSON; problem+json errors);
+    ``seq``: the last ``event_seq`` seen (the loss plot is rebuilt only when events came since)."""
     signed = signed_in(request, session)
     if signed is None:
         return problem_response(401, "sign in to the dashboard first", code="unauthorized", field="cookie")
     job = get_owned(session, Job, job_id, signed.team.id)
-    return JSONResponse(live_state(session, job), headers={"Cache-Control": "no-store"})
+    return JSONResponse(live_state(session, job, seq), headers={"Cache-Control": "no-store"})
 
 
 @router.post("/jobs/{job_id}/cancel")

@@ -202,3 +202,9 @@ def test_two_jobs_compare_side_by_side_with_how_each_metric_was_computed(api, te
     assert row.count("92.5 %") == 2 and "builtin classifier &lt;script&gt;" in row
     assert 'id="compare-warning"' in page.text  # the second job used another model
     assert "no sample grids (succeeded)" in page.text
+    live = browser.get(f"/dashboard/jobs/{ids[0]}/live").json()
+    assert live["status"] == "succeeded" and live["final"] and live["percent"] == 100
+    assert live["plot_svg"].startswith("<svg") and "no training step yet" in live["plot_svg"]
+    assert browser.get(f"/dashboard/jobs/{ids[0]}/live", params={"seq": live["event_seq"]}).json()["plot_svg"] is None
+    bad = browser.get(f"/dashboard/jobs/{ids[0]}/live", params={"seq": "-1"})
+    assert bad.status_code == 422 and bad.json()["field"] == "seq"

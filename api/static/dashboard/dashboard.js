@@ -16,11 +16,13 @@ function watchJob(section) {
   const plot = document.getElementById("loss-plot");
   const error = document.getElementById("job-error");
   let lastStatus = status.textContent;
+  let seq = null;
 
   async function tick() {
     let state;
     try {
-      const resp = await fetch("/dashboard/jobs/" + encodeURIComponent(id) + "/live", {credentials: "same-origin"});
+      const query = seq === null ? "" : "?seq=" + seq;
+      const resp = await fetch("/dashboard/jobs/" + encodeURIComponent(id) + "/live" + query, {credentials: "same-origin"});
       if (!resp.ok) throw new Error("HTTP " + resp.status);
       state = await resp.json();
     } catch (e) {
@@ -32,7 +34,8 @@ function watchJob(section) {
     bar.value = state.percent;
     text.textContent = state.total ? (state.phase || "") + " " + state.step + "/" + state.total : "";
     eta.textContent = state.final ? "" : fmtEta(state.eta_s);
-    plot.innerHTML = state.plot_svg; // built by the server from numbers and fixed labels only
+    if (state.plot_svg !== null) plot.innerHTML = state.plot_svg; // the server's SVG: numbers and fixed labels only
+    seq = state.event_seq;
     if (state.error) {
       error.textContent = state.error.code + ": " + state.error.message;
       error.hidden = false;
