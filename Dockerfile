@@ -47,7 +47,7 @@ COPY api/ api/
 COPY worker/ worker/
 COPY migrations/ migrations/
 COPY scripts/ scripts/
-RUN pip install ".[service]" \
+RUN pip install ".[service,sd]" \
  && python -c "import api.main, jobs.migrate, worker.celery_app"
 # The reference MNIST models and classifier (the built-in `builtin:mnist` evaluation needs them).
 COPY reference/ reference/
