@@ -12,6 +12,7 @@ session of its own, so the event loop never blocks and no connection is held bet
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -36,6 +37,7 @@ RETRY_MS = 2000
 BATCH = 500
 FINAL_EVENTS = frozenset(s.value for s in FINAL_STATUSES)
 MAX_SEQ = 2**31 - 1
+SEQ_PATTERN = re.compile(r"^[0-9]{1,10}$")
 
 STREAM_HELP = """A job's events as they happen, as `text/event-stream`:
 
@@ -63,7 +65,7 @@ def resume_point(after: int | None, last_event_id: str | None) -> int:
     """Where to start: ``Last-Event-ID`` (what a reconnecting EventSource sends) wins over ``after``."""
     if last_event_id is not None and last_event_id.strip() != "":
         value = last_event_id.strip()
-        if not value.isdigit() or int(value) > MAX_SEQ:
+        if not SEQ_PATTERN.match(value) or int(value) > MAX_SEQ:
             raise InvalidInput(
                 f"Last-Event-ID must be an event sequence number (0..{MAX_SEQ}); got {value[:40]!r}",
                 field="Last-Event-ID",
