@@ -34,7 +34,8 @@ with TestClient(api.main.create_app(settings, configure_logs=False)) as client:
     job = client.post("/v1/jobs", headers=h, json={"model": model.json()["id"], "forget_set": fs.json()["id"],
                                                    "params": {"steps": 2}})
     statuses = [fs.status_code, model.status_code, job.status_code]
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "worker", "diffusers", "torchvision")
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "worker", "diffusers", "torchvision",
+                                                            "transformers", "peft")
                or m == "vdu_core.run")
 print(json.dumps({"statuses": statuses, "heavy": heavy}))
 """
