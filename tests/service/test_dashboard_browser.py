@@ -192,9 +192,12 @@ def test_a_moderator_runs_and_compares_jobs_in_the_dashboard(stack, browser, tmp
         # watch the first job live: the script updates status and progress without a reload
         browser.get(f"{base}/dashboard/jobs/{job_ids[0]}")
         seen: list[str] = []
+        progress_seen: set[str] = set()
 
         def finished():
             status = text_of("job-status")
+            if status == "running":
+                progress_seen.add(text_of("job-progress-text"))
             if status and (not seen or seen[-1] != status):
                 seen.append(status)
                 shot(f"job-{status}")
@@ -202,7 +205,8 @@ def test_a_moderator_runs_and_compares_jobs_in_the_dashboard(stack, browser, tmp
 
         wait_for(finished, timeout=180, what="the job to finish")
         assert seen[-1] == "succeeded", (seen, find(By.ID, "job-error").text)
-        assert "running" in seen or "queued" in seen  # it was watched, not found finished
+        assert "running" in seen  # it was watched, not found finished
+        assert any("/" in text for text in progress_seen), progress_seen  # "phase step/total", updated live
         wait_for(lambda: browser.find_elements(By.ID, "download"), what="the evidence after the reload")
 
         # both grids loaded, the metrics with how each was computed, the loss curves of both terms
