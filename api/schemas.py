@@ -34,6 +34,8 @@ class ForgetSetOut(BaseModel):
     image_bytes: int = Field(description="uncompressed bytes of all images")
     sha256: str = Field(description="sha256 of the stored archive")
     content_sha256: str | None = Field(None, description="sha256 over the images, independent of packaging")
+    captions: int = Field(0, description="images with a caption (captions.jsonl / captions.csv; text-to-image models)")
+    prompts: int = Field(0, description="prompts naming the feature (prompts.txt; text-to-image models)")
     created_at: datetime
 
     @classmethod
@@ -51,6 +53,8 @@ class ForgetSetOut(BaseModel):
             image_bytes=fs.total_bytes,
             sha256=fs.sha256,
             content_sha256=fs.summary.get("content_sha256"),
+            captions=fs.summary.get("captions", 0),
+            prompts=fs.summary.get("prompts", 0),
             created_at=fs.created_at,
         )
 

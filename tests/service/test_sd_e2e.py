@@ -48,7 +48,7 @@ def test_a_team_unlearns_a_feature_from_stable_diffusion_and_loads_the_result(se
         fs = c.post("/v1/forget-sets", files={"file": ("red.zip", red_forget_zip(), "application/zip")},
                     data={"name": "red squares"})
         assert fs.status_code == 201, fs.text
-        assert fs.json()["image_count"] == 4
+        assert fs.json()["image_count"] == 4 and fs.json()["captions"] == 2 and fs.json()["prompts"] == 2
         body = {"model": model.json()["id"], "forget_set": fs.json()["id"], "method": "vdu", "params": PARAMS,
                 "evaluation": EVALUATION}
 
