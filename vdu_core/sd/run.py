@@ -135,6 +135,7 @@ def run_sd_unlearning(
     frozen = original if config.trainable != "lora" else None
     report = train.unlearn_sd(unet, train_scheduler, data, config, post, original=frozen,
                               on_progress=_phased(on_progress, "unlearn"), should_cancel=should_cancel)
+    n_trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     delta = train.trainable_delta(unet, config)
     train.merge_lora(unet, config)
     unet.requires_grad_(False).eval()
@@ -170,7 +171,7 @@ def run_sd_unlearning(
             "implementation": "latent denoising MSE on a fixed probe (<=16 forget latents x 4 timesteps, fixed "
                               "noise, conditioned as in training), after / before",
             "train_seconds": round(report.seconds, 2), "trainable": config.trainable,
-            "trainable_parameters": sum(p.numel() for p in (post.mu if post else [])) or None,
+            "trainable_parameters": n_trainable,
             **report.gpu,
         }
         unet.to("cpu")
