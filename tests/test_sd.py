@@ -239,6 +239,19 @@ def test_esd_baseline_lowers_its_own_loss(pipe):
     assert sum(losses[-3:]) < sum(losses[:3])
 
 
+def test_esd_can_draw_x_t_from_the_models_own_sampler_as_the_paper_does(pipe):
+    from vdu_core.sd import train
+
+    cfg = SDUnlearnConfig.from_dict({"method": "esd", "esd_source": "self", "esd_sample_steps": 3, "steps": 2,
+                                     "batch_size": 2})
+    unet = train.select_trainable(pipe.unet, cfg)
+    report = train.unlearn_sd(unet, pipe.scheduler, _data(pipe), cfg)
+    assert report.steps_run == 2 and all(torch.isfinite(torch.tensor(h["esd"])) for h in report.history)
+    with pytest.raises(ConfigError) as err:
+        SDUnlearnConfig.from_dict({"esd_source": "self"})
+    assert err.value.field == "params.esd_source"
+
+
 def test_sd_config_refuses_what_a_method_does_not_have():
     with pytest.raises(ConfigError) as err:
         SDUnlearnConfig.from_dict({"method": "esd", "gamma": 0.3})

@@ -52,6 +52,10 @@ class SDUnlearnConfig(_Validated):
         None, doc="prompts naming the feature (added to the forget set's prompts.txt)")
     neutral_prompts: list[str] | None = _spec(
         None, doc="prompts whose outputs must not change (default: the prompt set 'neutral-v1')")
+    esd_source: Literal["forget", "self"] = _spec(
+        "forget", doc="esd: x_t from the noised forget latents, or (as the ESD paper) from the model's own "
+                      "sampler conditioned on the feature prompt, stopped at a random step")
+    esd_sample_steps: int = _spec(50, ge=2, le=1000, doc="esd_source='self': DDIM steps of the full trajectory")
     gradient_checkpointing: Literal["auto", "on", "off"] = _spec(
         "auto", doc="'auto': on with CUDA (saves activation memory), off on the CPU")
     probe_every: int = _spec(10, ge=1, doc="steps between measurements of the forget-set loss ratio")
@@ -74,6 +78,8 @@ class SDUnlearnConfig(_Validated):
         if self.method in ("gradient_ascent", "esd") and self.gamma != 0.0:
             raise ConfigError(f"method {self.method!r} has no stability term: gamma must be 0",
                               field=f"{prefix}.gamma")
+        if self.method != "esd" and self.esd_source != "forget":
+            raise ConfigError("esd_source is a parameter of method 'esd'", field=f"{prefix}.esd_source")
         if self.t_max is not None and self.t_max <= self.t_min:
             raise ConfigError("t_max must be greater than t_min", field=f"{prefix}.t_max")
         for name in ("prompts", "neutral_prompts"):

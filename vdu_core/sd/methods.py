@@ -5,8 +5,9 @@ Notation: ε₀ is the frozen original UNet, c the condition of a forget latent 
 prompt naming the feature), p a prompt naming the feature, ∅ the empty prompt, η = ``guidance_scale``.
 
 * ``esd`` — Erased Stable Diffusion (Gandikota et al. 2023): regress ε_θ(x_t, p) on
-  ε₀(x_t, ∅) − η (ε₀(x_t, p) − ε₀(x_t, ∅)). Here x_t are the noised forget latents (ESD draws them
-  from the model's own sampler; the forget set stands in for that). No stability term.
+  ε₀(x_t, ∅) − η (ε₀(x_t, p) − ε₀(x_t, ∅)). x_t: the noised forget latents (``esd_source='forget'``),
+  or as in the paper the model's own DDIM trajectory for p (guidance 3) stopped at a random one of
+  ``esd_sample_steps`` steps (``esd_source='self'``). No stability term.
 * ``vdu`` — the product default, the MNIST default's idea in text-conditional form:
   γ · stability (posterior over what moves, analytic gradient) + (1−γ) · redirect + λ · function_space,
   redirect = ‖ε_θ(x_t, c) − [ε₀(x_t, c) − (1+η)(ε₀(x_t, p) − ε₀(x_t, ∅))]‖², i.e. the original's
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from vdu_core.methods import Terms, UnlearningMethod, register_sd
-from vdu_core.objective import per_sample_mse, plasticity_term
+from vdu_core.objective import per_sample_mse, plasticity_term, timestep_weights
 
 
 @dataclass
@@ -55,6 +56,31 @@ def esd_target(eps_p: torch.Tensor, eps_u: torch.Tensor, eta: float) -> torch.Te
     return eps_u - eta * (eps_p - eps_u)
 
 
+@torch.no_grad()
+def self_sampled(ctx, feature: torch.Tensor, uncond: torch.Tensor, steps: int, guidance: float = 3.0):
+    """ESD's x_t: the model being trained samples for the feature prompt (DDIM, classifier-free guidance)
+    from fresh noise and stops after a random number of its ``steps``; returns (x_t, t) per sample."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(ctx.scheduler.config)
+    sched.set_timesteps(steps)
+    g = ctx.generator
+    n = feature.shape[0]
+    cfg = ctx.unet.config
+    x = torch.randn((n, int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size)), generator=g)
+    x = x.to(ctx.device) * sched.init_noise_sigma
+    stop = int(torch.randint(0, steps, (1,), generator=g))
+    was = ctx.unet.training
+    ctx.unet.eval()
+    for t in sched.timesteps[:stop]:
+        tt = t.repeat(n).to(ctx.device)
+        both = _eps(ctx.unet, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, feature])).float()
+        e_u, e_p = both.chunk(2)
+        x = sched.step(e_u + guidance * (e_p - e_u), t, x).prev_sample
+    ctx.unet.train(was)
+    return x, sched.timesteps[stop].repeat(n).to(ctx.device)
+
+
 class _SDMethod(UnlearningMethod):
     needs_original = True
 
@@ -65,10 +91,13 @@ class ESD(_SDMethod):
     uses_posterior = False
 
     def compute(self, ctx, batch: SDBatch) -> Terms:
-        eps_p, eps_u = frozen_eps(ctx, batch.x_t, batch.t, batch.feature, batch.uncond)
+        x_t, t, weights = batch.x_t, batch.t, batch.weights
+        if self.config.esd_source == "self":
+            x_t, t = self_sampled(ctx, batch.feature, batch.uncond, self.config.esd_sample_steps)
+            weights = timestep_weights(ctx.scheduler, t, self.config.timestep_weighting)
+        eps_p, eps_u = frozen_eps(ctx, x_t, t, batch.feature, batch.uncond)
         target = esd_target(eps_p, eps_u, self.config.guidance_scale)
-        loss = plasticity_term(per_sample_mse(_eps(ctx.unet, batch.x_t, batch.t, batch.feature), target),
-                               batch.weights)
+        loss = plasticity_term(per_sample_mse(_eps(ctx.unet, x_t, t, batch.feature), target), weights)
         return Terms(loss, 0.0, {"esd": float(loss.detach())})
 
 
