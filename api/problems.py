@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs.db import is_transient
 from jobs.errors import ServiceError
+from jobs.logs import redact
 from vdu_core.errors import VDUError
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def problem_response(
     if field is not None:
         body["field"] = field
     body.update({k: v for k, v in extra.items() if v is not None})
+    body = {k: redact(v) if isinstance(v, str) else v for k, v in body.items()}  # no API key echoed back
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 

@@ -5,11 +5,22 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
+
+# An API key is ``vdu_<8 hex>_<secret>`` (api/keys.py); the public part may be shown, the secret never.
+_API_KEY = re.compile(r"\b(vdu_[0-9a-f]{8})_[A-Za-z0-9_-]{8,}")
+
+
+def redact(text: str) -> str:
+    """``text`` with the secret part of every API key in it replaced (a client that pastes its key
+    into a URL or a field must not find it in our logs or error bodies)."""
+    return _API_KEY.sub(r"\1_[redacted]", text) if "vdu_" in text else text
+
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
@@ -32,7 +43,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value if isinstance(value, str | int | float | bool | type(None)) else str(value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        return redact(json.dumps(out, ensure_ascii=False))
 
 
 class ContextFormatter(logging.Formatter):
@@ -40,7 +51,7 @@ class ContextFormatter(logging.Formatter):
         base = super().format(record)
         pairs = (("request_id", request_id_var.get()), ("job_id", job_id_var.get()))
         ctx = [f"{k}={v}" for k, v in pairs if v]
-        return f"{base} [{' '.join(ctx)}]" if ctx else base
+        return redact(f"{base} [{' '.join(ctx)}]" if ctx else base)
 
 
 def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
