@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE := 1
 
 PY ?= python3
 
-.PHONY: install reference test lint bench demo
+.PHONY: install reference test test-faults lint bench demo
 
 install:
 	$(PY) -m pip install -q -e ".[service,dev,sd]"
@@ -17,7 +17,11 @@ lint:
 	$(PY) -m ruff check .
 
 test:
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not faults"
+
+# Faults against the real processes (worker SIGKILL, Redis/Postgres/S3 outages...): a few minutes.
+test-faults:
+	$(PY) -m pytest -q -ra -m faults tests/service
 
 bench:
 	$(PY) bench/bench_objective.py
