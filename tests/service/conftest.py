@@ -169,7 +169,9 @@ SERVICE_UPLOAD_LIMIT = 32 * 1024 * 1024
 @pytest.fixture(scope="session")
 def service_stack(pg_url, redis_prefix, s3_server, tmp_path_factory):
     """The API under uvicorn and a Celery worker as real processes on the session's Postgres, Redis
-    and S3, started once and shared by every test that needs the real thing (each in its own team)."""
+    and S3, started once and shared by every test that needs the real thing (each in its own team).
+    It lives until the session ends, so its queue is its own: a module's own stack started meanwhile
+    (on ``redis_prefix``) must not see its worker take that module's jobs, nor the reverse."""
     from tests.service.stack import stack_env, start_stack
 
     root = tmp_path_factory.mktemp("stack")
@@ -177,7 +179,7 @@ def service_stack(pg_url, redis_prefix, s3_server, tmp_path_factory):
         root,
         database_url=pg_url,
         broker_url=REDIS_URL,
-        broker_key_prefix=redis_prefix,
+        broker_key_prefix=f"{redis_prefix}stack:",  # its own queue: other tests' workers never take its jobs
         storage_url=f"s3://{make_bucket(s3_server)}/vdu",
         s3_endpoint_url=s3_server,
         s3_access_key_id="testing",
