@@ -43,6 +43,8 @@ def _problem_everywhere(schema: dict) -> None:
             if path.startswith("/v1/"):
                 operation["security"] = [{"bearer": []}]
                 responses.setdefault("401", {"description": "Unauthorized", "content": problem})
+                # the database away (restart, outage): problem code database_unavailable, with Retry-After
+                responses.setdefault("503", {"description": "Service Unavailable", "content": problem})
     for name in ("HTTPValidationError", "ValidationError"):
         components["schemas"].pop(name, None)
 

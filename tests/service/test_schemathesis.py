@@ -67,3 +67,12 @@ def test_the_generated_requests_got_past_authentication(statuses):
     assert len(statuses) >= EXAMPLES
     assert sum(s == 401 for s in statuses) < len(statuses) / 2, sorted(set(statuses))
     assert any(200 <= s < 300 for s in statuses)
+
+
+def test_every_v1_operation_documents_a_database_outage(api):
+    """What the fault tests see during a Postgres outage (503 database_unavailable) is in the schema."""
+    paths = api.client.get("/openapi.json").json()["paths"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if path.startswith("/v1/"):
+                assert "503" in operation["responses"], (method, path)
