@@ -264,6 +264,31 @@ def test_sd_config_refuses_what_a_method_does_not_have():
     assert err.value.field == "evaluation.detector_threshold"
 
 
+def acme_logo_detector():
+    """An operator's detector plugin (entry point group ``vdu.detectors``): scores every image 0.9."""
+    from vdu_core.sd.detectors import Detector
+
+    return Detector("acme-logo", lambda images: [0.9] * len(images), "always 0.9 (test plugin)", "0.0.1")
+
+
+def test_detectors_are_named_by_the_job_from_a_registry_of_builtins_and_operator_plugins(monkeypatch):
+    from importlib import metadata
+
+    from vdu_core.sd import detectors
+
+    red, blue = Image.new("RGB", (8, 8), (250, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 250))
+    det = detectors.load_detector("builtin:color:red")
+    assert det.score([red, blue]) == [1.0, 0.0] and det.version == "builtin-1"
+    with pytest.raises(ConfigError) as err:
+        detectors.load_detector("acme-logo")
+    assert err.value.field == "evaluation.detector"
+    plugin = metadata.EntryPoint(name="acme-logo", value="tests.test_sd:acme_logo_detector",
+                                 group=detectors.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(detectors.metadata, "entry_points", lambda group=None: [plugin])
+    assert "acme-logo" in detectors.detector_names()
+    assert detectors.load_detector("acme-logo").score([red]) == [0.9]
+
+
 # --------------------------------------------------------------------------- end to end in the library
 
 
