@@ -211,6 +211,22 @@ def test_each_trainable_mode_moves_only_what_it_names(pipe, mode):
         assert len(moved) > len(names) / 2
 
 
+def test_a_cancel_stops_the_sd_loop_at_the_next_step(pipe):
+    from vdu_core.errors import Cancelled
+    from vdu_core.sd import train
+
+    cfg = SDUnlearnConfig.from_dict({"method": "esd", "steps": 50, "batch_size": 1})
+    unet = train.select_trainable(pipe.unet, cfg)
+    calls = []
+
+    def should_cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled, match="step 2 of 50"):
+        train.unlearn_sd(unet, pipe.scheduler, _data(pipe), cfg, should_cancel=should_cancel)
+
+
 def test_fisher_posterior_is_diagonal_over_what_moves_and_bounded_by_the_prior(pipe):
     from vdu_core.sd import train
 
