@@ -51,17 +51,29 @@ def get_session(request: Request) -> Iterator[Session]:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StorageDep = Annotated[Storage, Depends(get_storage_dep)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher_dep)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# At most DB_CONCURRENCY requests hold a session at once; the others wait for a turn on the event loop,
+# not in a worker thread. Without the bound, 100 concurrent clients left every pooled connection held
+# by a request queued for a thread (a sync route's response is validated in one, after the route) while
+# every thread waited for a connection: 30 s of pool timeout, then errors (bench/bench_load.py). It is
+# below the API's pool (jobs.db: 10 + 10 overflow), which also serves authentication and /readyz. The
+# session ends when the route function does (scope="function"), not after a streamed download.
+DB_CONCURRENCY = 16
+SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concurrency=DB_CONCURRENCY)]
+# For a route that streams an upload before it touches the database: no turn held meanwhile.
+UploadSessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_current_team(request: Request, session: SessionDep) -> Team:
+def get_current_team(request: Request) -> Team:
+    """The caller's team, looked up in a short session of its own (no connection or turn is held
+    while the request goes on)."""
     header = request.headers.get("authorization")
     if not header:
         raise Unauthorized("missing Authorization header; send `Authorization: Bearer <key>`", field="Authorization")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("the Authorization header must be `Bearer <key>`", field="Authorization")
-    team = team_for_key(session, key.strip())
+    with session_factory(request.app.state.settings.database_url)() as session:
+        team = team_for_key(session, key.strip())
     if team is None:
         raise Unauthorized("invalid or revoked API key", field="Authorization")
     request.state.team_id = team.id

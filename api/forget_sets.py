@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep, UploadSessionDep
 from api.metrics import UPLOAD_BYTES
 from api.pagination import AfterQuery, LimitQuery, paginate
 from api.problems import error_responses
@@ -138,7 +138,7 @@ def _create(session: Session, settings: Settings, storage: Storage, team_id: str
     responses=error_responses(400, 401, 413, 415, 422, 503),
 )
 async def create_forget_set(
-    request: Request, team: CurrentTeam, session: SessionDep, settings: SettingsDep, storage: StorageDep
+    request: Request, team: CurrentTeam, session: UploadSessionDep, settings: SettingsDep, storage: StorageDep
 ) -> ForgetSetOut:
     """Upload a forget set: one archive (zip/tar) or image as `file`, or several images as `files`.
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep, read_json
+from api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep, UploadSessionDep, read_json
 from api.forget_sets import check_name
 from api.metrics import UPLOAD_BYTES
 from api.pagination import AfterQuery, LimitQuery, paginate
@@ -202,7 +202,7 @@ def _register_upload(session: Session, settings: Settings, storage: Storage, tea
     responses=error_responses(400, 401, 413, 415, 422, 503),
 )
 async def register_model(
-    request: Request, team: CurrentTeam, session: SessionDep, settings: SettingsDep, storage: StorageDep
+    request: Request, team: CurrentTeam, session: UploadSessionDep, settings: SettingsDep, storage: StorageDep
 ) -> ModelOut:
     """Register a model.
 

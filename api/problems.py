@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs.db import is_transient
@@ -229,12 +230,17 @@ def install_problem_handlers(app: FastAPI) -> None:
                 headers = {**(headers or {}), "Allow": ", ".join(allowed)}
         return problem_response(exc.status_code, detail, code=code, request=request, headers=headers)
 
+    @app.exception_handler(SQLAlchemyTimeoutError)
     @app.exception_handler(DBAPIError)
-    async def _database_error(request: Request, exc: DBAPIError):
-        if not is_transient(exc):
+    async def _database_error(request: Request, exc: DBAPIError | SQLAlchemyTimeoutError):
+        # a lost connection, or no pooled connection free within pool_timeout: both pass
+        if isinstance(exc, DBAPIError) and not is_transient(exc):
             return await _unexpected(request, exc)
         log.warning(
-            "database unavailable on %s %s: %s", request.method, request.url.path, type(exc.orig or exc).__name__
+            "database unavailable on %s %s: %s",
+            request.method,
+            request.url.path,
+            type(getattr(exc, "orig", None) or exc).__name__,
         )
         return problem_response(
             503,
