@@ -94,7 +94,11 @@ class Load:
             await self.one(client, "delete forget set", [fs_id])
 
     async def run(self) -> None:
-        limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)
+        # idle connections are dropped by the client (2 s) before the server closes them (uvicorn: 5 s), so a
+        # request never races a closing keep-alive connection
+        limits = httpx.Limits(
+            max_connections=self.clients, max_keepalive_connections=self.clients, keepalive_expiry=2.0
+        )
         timeout = httpx.Timeout(60.0)
         async with httpx.AsyncClient(base_url=self.base, headers=self.headers, limits=limits, timeout=timeout) as c:
             t0 = time.perf_counter()
