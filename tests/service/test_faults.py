@@ -368,6 +368,28 @@ def test_a_postgres_outage_pauses_the_job_and_everything_recovers_by_itself(heal
     assert_final_and_intact(stack, team_id, headers, {job_id: "succeeded"})
 
 
+# --- load: a smoke run of bench/bench_load.py on this stack ----------------------------------------
+def test_a_short_load_while_a_job_trains_has_no_errors(healthy):
+    import asyncio
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_load
+
+    stack = healthy
+    team_id, headers, model_id, fs_id = stack.team_with_inputs()
+    with stack.client(headers) as c:
+        job_id = create_job(c, model_id, fs_id, long_params(2000))
+        poll(c, job_id, training, 120, "training to start")
+        load = bench_load.Load(stack.base, headers, job_id, clients=20, seconds=4)
+        asyncio.run(load.run())
+        assert load.error_count == 0, dict(load.errors)
+        assert sum(map(len, load.latency.values())) >= 20 and load.latency["upload forget set"]
+        assert [f["id"] for f in c.get("/v1/forget-sets").json()["data"]] == [fs_id]  # uploads deleted again
+        assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        poll(c, job_id, lambda j: j["status"] in FINAL, 60)
+    assert_final_and_intact(stack, team_id, headers, {job_id: "cancelled"})
+
+
 # --- 4. the same task delivered twice ------------------------------------------------------------
 def test_a_duplicate_delivery_finds_nothing_to_claim(healthy):
     from jobs.queue import CeleryDispatcher
