@@ -132,7 +132,7 @@ def test_posterior_weighted_guidance_pushes_only_forget_like_inputs(tiny_unet, t
     with torch.no_grad():
         eps0 = tiny_unet(x_t, low).sample
     uniform = guided_target(SimpleNamespace(**{**vars(ctx), "config": UnlearnConfig.from_dict(
-        {"guidance_scale": 2.0})}), x_t, low)
+        {"guidance_scale": 2.0, "guidance_weighting": "uniform"})}), x_t, low)
     weighted = guided_target(ctx, x_t, low)
     # a forget-like input gets the full push, an anchor-like one none: its target is the original's ε
     torch.testing.assert_close(weighted[0], uniform[0], rtol=1e-4, atol=1e-4)
@@ -148,7 +148,7 @@ def test_posterior_weighted_guidance_pushes_only_forget_like_inputs(tiny_unet, t
     with torch.no_grad():
         e0 = tiny_unet(x_hi, top).sample
     full = guided_target(SimpleNamespace(**{**vars(ctx), "config": UnlearnConfig.from_dict(
-        {"guidance_scale": 2.0})}), x_hi, top) - e0
+        {"guidance_scale": 2.0, "guidance_weighting": "uniform"})}), x_hi, top) - e0
     part = guided_target(ctx, x_hi, top) - e0
     assert part.norm() < 0.2 * full.norm()
 

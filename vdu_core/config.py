@@ -155,7 +155,7 @@ class UnlearnConfig(_Validated):
     )
     guidance_scale: float = _spec(5.0, gt=0.0, le=100.0, doc="η of the negative guidance target")
     guidance_weighting: Literal["uniform", "posterior"] = _spec(
-        "uniform",
+        "posterior",
         doc="negative_guidance: push every forget input by η ('uniform') or by η × the kernel posterior that the "
             "input is forget-like rather than the model's other output ('posterior'; also applied to anchors)",
     )

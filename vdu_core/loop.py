@@ -138,7 +138,8 @@ def unlearn(
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
     if method.needs_anchors and (anchors is None or len(anchors) == 0):
-        raise ValueError(f"method {config.method!r} with anchor_weight > 0 needs anchor samples")
+        raise ValueError(f"method {config.method!r} with anchor_weight > 0 or posterior-weighted guidance "
+                         "needs anchor samples")
     ctx = Context(unet, scheduler, config, device, g, anchors.to(device) if anchors is not None else None)
     ctx.forget_images = forget
     if method.needs_original:

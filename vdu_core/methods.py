@@ -118,9 +118,11 @@ class VDU(UnlearningMethod):
     L = γ · stability + (1−γ) · plasticity_target + λ · function_space
 
     * plasticity_target, ``negative_guidance`` (default): on noised forget inputs, regress ε_θ to
-      ε_θ₀ − η (ε_F − ε_θ₀), where ε_F is the exact denoiser of the forget set's empirical distribution
+      ε_θ₀ − η w (ε_F − ε_θ₀), where ε_F is the exact denoiser of the forget set's empirical distribution
       (``empirical_forget_eps``): the original model guided away from the forget set, as ESD does with a
-      text condition. A regression, so it cannot run away. ``ascent``: the paper's −‖ε − ε_θ‖², per
+      text condition. A regression, so it cannot run away. w (``guidance_weighting``, see
+      ``guided_target``) is by default the kernel posterior that the input is forget-like, and the same
+      target is then used on the anchors, where it is ε_θ₀ wherever nothing is forget-like. ``ascent``: the paper's −‖ε − ε_θ‖², per
       sample capped at ``plasticity_bound`` × the original's loss on the same input.
     * function_space: ‖ε_θ(a_t,t) − ε_θ₀(a_t,t)‖² on the original model's own samples ``a`` (those
       nearest the forget set left out), weight λ = ``anchor_weight``: keeps everything else the model
@@ -132,7 +134,10 @@ class VDU(UnlearningMethod):
 
     def __init__(self, config):
         super().__init__(config)
-        self.needs_anchors = config.anchor_weight > 0
+        self.posterior_weighted = (config.plasticity_target == "negative_guidance"
+                                   and config.guidance_weighting == "posterior")
+        # the posterior weighting compares against the anchors even when their own term is off
+        self.needs_anchors = config.anchor_weight > 0 or self.posterior_weighted
 
     def compute(self, ctx, batch: ForgetBatch) -> Terms:
         cfg = self.config
@@ -154,9 +159,9 @@ class VDU(UnlearningMethod):
             report["plasticity_bounded"] = float(bounded.detach())
         else:
             loss = -(1.0 - gamma) * plast
-        if self.needs_anchors:
+        if cfg.anchor_weight > 0:
             a_t, a_time, _ = ctx.anchor_batch()
-            if cfg.plasticity_target == "negative_guidance" and cfg.guidance_weighting == "posterior":
+            if self.posterior_weighted:
                 # the same target everywhere: ε_θ₀ wherever the input is not forget-like
                 a_target = guided_target(ctx, a_t, a_time)
             else:
