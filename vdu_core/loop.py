@@ -42,6 +42,15 @@ def autocast_dtype(config: UnlearnConfig, device: torch.device) -> torch.dtype |
     return torch.bfloat16
 
 
+def stability_regularizer(method, config, params, posterior) -> StabilityRegularizer | None:
+    """The stability term over ``params`` when the method uses one (γ > 0), else None."""
+    if not (method.uses_posterior and config.gamma > 0):
+        return None
+    if posterior is None:
+        raise ValueError(f"method {config.method!r} needs a posterior")
+    return StabilityRegularizer(params, posterior.mu, posterior.var)
+
+
 @dataclass
 class UnlearnReport:
     steps_run: int
@@ -145,11 +154,7 @@ def unlearn(
     if method.needs_original:
         _ = ctx.original  # freeze a copy before the first update
     names, params = trainable(unet)
-    regularizer = None
-    if method.uses_posterior and config.gamma > 0:
-        if posterior is None:
-            raise ValueError(f"method {config.method!r} needs a posterior")
-        regularizer = StabilityRegularizer(params, posterior.mu, posterior.var)
+    regularizer = stability_regularizer(method, config, params, posterior)
     opt = torch.optim.Adam(params, lr=config.lr)
     probe_src = forget if probe_images is None else probe_images.to(device)
     probe = Probe(probe_src, scheduler, ctx.t_min, ctx.t_max, config.seed)

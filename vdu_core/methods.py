@@ -122,8 +122,9 @@ class VDU(UnlearningMethod):
       (``empirical_forget_eps``): the original model guided away from the forget set, as ESD does with a
       text condition. A regression, so it cannot run away. w (``guidance_weighting``, see
       ``guided_target``) is by default the kernel posterior that the input is forget-like, and the same
-      target is then used on the anchors, where it is ε_θ₀ wherever nothing is forget-like. ``ascent``: the paper's −‖ε − ε_θ‖², per
-      sample capped at ``plasticity_bound`` × the original's loss on the same input.
+      target is then used on the anchors, where it is ε_θ₀ wherever nothing is forget-like.
+      ``ascent``: the paper's −‖ε − ε_θ‖², per sample capped at ``plasticity_bound`` × the original's
+      loss on the same input.
     * function_space: ‖ε_θ(a_t,t) − ε_θ₀(a_t,t)‖² on the original model's own samples ``a`` (those
       nearest the forget set left out), weight λ = ``anchor_weight``: keeps everything else the model
       generates where it was — the function-space inference the paper names as its next step.

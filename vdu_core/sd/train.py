@@ -34,8 +34,8 @@ import torch
 
 from vdu_core.config import Progress
 from vdu_core.errors import Cancelled
-from vdu_core.loop import UnlearnReport, autocast_dtype, pick_device
-from vdu_core.objective import StabilityRegularizer, per_sample_mse, timestep_weights
+from vdu_core.loop import UnlearnReport, autocast_dtype, pick_device, stability_regularizer
+from vdu_core.objective import per_sample_mse, timestep_weights
 from vdu_core.posterior import Posterior, _report, trainable
 from vdu_core.sd.config import SDUnlearnConfig
 from vdu_core.sd.methods import SDBatch
@@ -298,11 +298,7 @@ def unlearn_sd(unet, scheduler, data: SDData, config: SDUnlearnConfig, posterior
         original.to(device)
     ctx = SDContext(unet, original, scheduler, config, device, g, data)
     names, params = trainable(unet)
-    regularizer = None
-    if method.uses_posterior and config.gamma > 0:
-        if posterior is None:
-            raise ValueError(f"method {config.method!r} needs a posterior")
-        regularizer = StabilityRegularizer(params, posterior.mu, posterior.var)
+    regularizer = stability_regularizer(method, config, params, posterior)
     opt = torch.optim.Adam(params, lr=config.learning_rate)
     probe = SDProbe(data, scheduler, ctx.t_min, ctx.t_max, config.seed)
     unet.eval()
