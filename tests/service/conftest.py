@@ -54,14 +54,18 @@ def pg_databases() -> Iterator[PostgresDatabases]:
     dbs.drop_all()
 
 
+def migrated_database(pg_databases: PostgresDatabases, label: str = "") -> str:
+    from jobs.migrate import upgrade_head
+
+    url = pg_databases.create(label)
+    upgrade_head(url=url)
+    return url
+
+
 @pytest.fixture(scope="session")
 def pg_url(pg_databases) -> str:
     """A migrated Postgres database shared by the session (tests isolate themselves by team)."""
-    from jobs.migrate import upgrade_head
-
-    url = pg_databases.create()
-    upgrade_head(url=url)
-    return url
+    return migrated_database(pg_databases)
 
 
 @pytest.fixture(scope="session")
@@ -167,17 +171,18 @@ SERVICE_UPLOAD_LIMIT = 32 * 1024 * 1024
 
 
 @pytest.fixture(scope="session")
-def service_stack(pg_url, redis_prefix, s3_server, tmp_path_factory):
-    """The API under uvicorn and a Celery worker as real processes on the session's Postgres, Redis
-    and S3, started once and shared by every test that needs the real thing (each in its own team).
-    It lives until the session ends, so its queue is its own: a module's own stack started meanwhile
-    (on ``redis_prefix``) must not see its worker take that module's jobs, nor the reverse."""
+def service_stack(pg_databases, redis_prefix, s3_server, tmp_path_factory):
+    """The API under uvicorn and a Celery worker as real processes on the session's Postgres server,
+    Redis and S3, started once and shared by every test that needs the real thing (each in its own
+    team). It lives until the session ends, so its queue *and its database* are its own: its
+    reconciler re-sends every queued job of its database, and would otherwise hand a module's own
+    stack's jobs (whose inputs live in that stack's storage) to this worker, which fails them."""
     from tests.service.stack import stack_env, start_stack
 
     root = tmp_path_factory.mktemp("stack")
     env = stack_env(
         root,
-        database_url=pg_url,
+        database_url=migrated_database(pg_databases, "stack_"),
         broker_url=REDIS_URL,
         broker_key_prefix=f"{redis_prefix}stack:",  # its own queue: other tests' workers never take its jobs
         storage_url=f"s3://{make_bucket(s3_server)}/vdu",

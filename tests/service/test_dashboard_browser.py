@@ -23,7 +23,7 @@ import pytest
 
 from jobs.settings import Settings
 from jobs.webhooks import verify_webhook
-from tests.service.conftest import REDIS_URL, REPO
+from tests.service.conftest import REDIS_URL, REPO, migrated_database
 from tests.service.helpers import tiny_model_archive
 from tests.service.stack import stack_env, start_stack, wait_until
 from tests.service.test_webhooks import Receiver
@@ -45,8 +45,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def stack(pg_url, redis_prefix, tmp_path_factory):
+def stack(pg_databases, redis_prefix, tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard")
+    pg_url = migrated_database(pg_databases, "dashboard_")  # no other stack's reconciler sees its jobs
     env = stack_env(
         root,
         database_url=pg_url,
