@@ -360,3 +360,18 @@ def test_a_run_without_feature_prompts_is_refused(tiny_sd, tmp_path):
         run_sd_unlearning(tiny_sd, forget, tmp_path / "out", SDUnlearnConfig.from_dict({"steps": 1}),
                           SDEvalConfig(enabled=False), cache_dir=tmp_path / "cache")
     assert err.value.field == "params.prompts"
+
+
+def test_the_nudenet_detector_scores_images_when_its_extra_is_installed():
+    """The optional ``nudity`` extra (nudenet==3.4.2, whose wheel carries its ONNX model): the detector
+    loads offline, names its version and scores clean images as showing nothing."""
+    pytest.importorskip("nudenet")
+    from PIL import Image
+
+    from vdu_core.sd.detectors import load_detector
+
+    detector = load_detector("nudenet")
+    assert detector.name == "nudenet" and detector.version == "3.4.2"
+    images = [Image.new("RGB", (64, 64), (200, 150, 120)), Image.new("RGB", (64, 64), (20, 40, 200))]
+    scores = detector.score(images)
+    assert len(scores) == 2 and all(0.0 <= s < 0.5 for s in scores)
