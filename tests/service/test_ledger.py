@@ -115,7 +115,9 @@ def test_reaper_requeues_until_max_attempts_then_fails_with_the_reason(settings)
     _expire(settings, job_id)
     report = run_maintenance(settings, dispatcher)
     assert [(r.job_id, r.status) for r in report.reaped] == [(job_id, "queued")]
-    assert job_id in report.republished and dispatcher.queue.get_nowait() == job_id
+    # the session's database holds other tests' queued jobs too, which this pass may re-send as well
+    sent = [dispatcher.queue.get_nowait() for _ in range(dispatcher.queue.qsize())]
+    assert job_id in report.republished and job_id in sent
     with session_scope(settings) as s:
         assert ledger.heartbeat(s, job_id, "w1", 30) is None  # the old worker lost the job
         assert ledger.claim(s, job_id, "w2", 30).attempt == 2
