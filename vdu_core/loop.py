@@ -51,6 +51,18 @@ def stability_regularizer(method, config, params, posterior) -> StabilityRegular
     return StabilityRegularizer(params, posterior.mu, posterior.var)
 
 
+def add_stability(regularizer: StabilityRegularizer | None, terms) -> dict[str, float]:
+    """Add the analytic stability gradient (after backward) and return the step's terms with it."""
+    losses = dict(terms.report)
+    if regularizer is None:
+        losses["objective"] = float(terms.loss.detach())
+        return losses
+    stab = regularizer.add_grad_(terms.stability_scale)
+    losses["stability"] = stab
+    losses["objective"] = terms.stability_scale * stab + float(terms.loss.detach())
+    return losses
+
+
 @dataclass
 class UnlearnReport:
     steps_run: int
@@ -182,13 +194,7 @@ def unlearn(
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             terms = method.compute(ctx, batch)
         terms.loss.backward()
-        losses = dict(terms.report)
-        if regularizer is not None:
-            stab = regularizer.add_grad_(terms.stability_scale)
-            losses["stability"] = stab
-            losses["objective"] = terms.stability_scale * stab + float(terms.loss.detach())
-        else:
-            losses["objective"] = float(terms.loss.detach())
+        losses = add_stability(regularizer, terms)
         if config.grad_clip is not None:
             losses["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         opt.step()

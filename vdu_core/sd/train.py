@@ -34,7 +34,7 @@ import torch
 
 from vdu_core.config import Progress
 from vdu_core.errors import Cancelled
-from vdu_core.loop import UnlearnReport, autocast_dtype, pick_device, stability_regularizer
+from vdu_core.loop import UnlearnReport, add_stability, autocast_dtype, pick_device, stability_regularizer
 from vdu_core.objective import per_sample_mse, timestep_weights
 from vdu_core.posterior import Posterior, _report, trainable
 from vdu_core.sd.config import SDUnlearnConfig
@@ -331,13 +331,7 @@ def unlearn_sd(unet, scheduler, data: SDData, config: SDUnlearnConfig, posterior
             terms = method.compute(ctx, batch)
         scaler.scale(terms.loss).backward()
         scaler.unscale_(opt)  # the analytic stability gradient below is added unscaled
-        losses = dict(terms.report)
-        if regularizer is not None:
-            stab = regularizer.add_grad_(terms.stability_scale)
-            losses["stability"] = stab
-            losses["objective"] = terms.stability_scale * stab + float(terms.loss.detach())
-        else:
-            losses["objective"] = float(terms.loss.detach())
+        losses = add_stability(regularizer, terms)
         losses["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         scaler.step(opt)
         scaler.update()
