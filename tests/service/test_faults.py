@@ -37,7 +37,18 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 FINAL = ("succeeded", "failed", "cancelled")
 LEASE_S = 10
 WORKERS = 2
-QUICK = {"steps": 3, "batch_size": 4, "anchor_weight": 0, "self_forget_fraction": 0, "posterior": "isotropic"}
+# No anchors: with the default guidance weighting ('posterior') a job first samples 512 anchors from the
+# model, ~30 s of CPU that no fault here is about; 'uniform' skips them (a job starts training in ~1 s).
+QUICK = {
+    "steps": 3,
+    "batch_size": 4,
+    "anchor_weight": 0,
+    "self_forget_fraction": 0,
+    "posterior": "isotropic",
+    "guidance_weighting": "uniform",
+}
+# Enough steps (~0.1 s each) that a job seen training is still training when the test breaks something.
+TRAINS = 50
 NO_EVAL = {"enabled": False}
 
 
@@ -312,7 +323,9 @@ def test_redis_restarted_empty_loses_the_queue_and_the_reconciler_resends_it(hea
     team_id, headers, model_id, fs_id = stack.team_with_inputs()
     with stack.client(headers) as c:
         busy = sum(stack.is_ready(w) for w in stack.live_workers())
-        running = [create_job(c, model_id, fs_id, long_params(12)) for _ in range(busy)]
+        running = [create_job(c, model_id, fs_id, long_params(TRAINS)) for _ in range(busy)]
+        for job_id in running:  # held before they succeed, so that they keep their workers whatever the timing
+            stack.hooks.arm(job_id, "pause_before_succeed")
         for job_id in running:  # every worker busy ...
             poll(c, job_id, training, 120, "both workers to train")
         queued = [create_job(c, model_id, fs_id, QUICK) for _ in range(2)]  # ... so these wait in Redis
@@ -320,6 +333,8 @@ def test_redis_restarted_empty_loses_the_queue_and_the_reconciler_resends_it(hea
         assert set(queued) <= dispatcher.pending_job_ids()
         stack.redis.restart_empty()
         assert dispatcher.pending_job_ids() == set()  # the queue is gone, unacked messages too
+        for job_id in running:
+            stack.hooks.go(job_id)
         jobs = {j: poll(c, j, lambda j: j["status"] in FINAL, 240) for j in running + queued}
         assert {j["status"] for j in jobs.values()} == {"succeeded"}, stack.logs()
         assert all(j["attempt"] == 1 for j in jobs.values())
@@ -352,7 +367,7 @@ def test_a_postgres_outage_pauses_the_job_and_everything_recovers_by_itself(heal
     stack = healthy
     team_id, headers, model_id, fs_id = stack.team_with_inputs()
     with stack.client(headers) as c:
-        job_id = create_job(c, model_id, fs_id, long_params(12))
+        job_id = create_job(c, model_id, fs_id, long_params(2 * TRAINS))
         stack.hooks.arm(job_id, "pause_before_succeed")
         poll(c, job_id, lambda j: training(j, 2), 120, "training to start")
         outage(stack, c, job_id)  # 1: while it trains (progress and lease renewals retry)
@@ -486,7 +501,7 @@ def test_storage_down_fails_the_job_clearly_and_a_retry_succeeds_once_it_is_back
     stack = healthy
     team_id, headers, model_id, fs_id = stack.team_with_inputs()
     with stack.client(headers) as c:
-        body_params = long_params(10)
+        body_params = long_params(TRAINS)
         failed_id = create_job(c, model_id, fs_id, body_params)
         poll(c, failed_id, training, 120, "training to start")  # inputs fetched; now S3 goes away
         stack.s3.stop()
@@ -511,14 +526,15 @@ def test_a_worker_killed_mid_training_is_reaped_and_the_job_retried_on_another(h
     stack = healthy
     team_id, headers, model_id, fs_id = stack.team_with_inputs()
     with stack.client(headers) as c:
-        job_id = create_job(c, model_id, fs_id, long_params(20))
+        job_id = create_job(c, model_id, fs_id, long_params(TRAINS))
         poll(c, job_id, training, 120, "training to start")
         victim = stack.worker_running(job_id)
         stack.kill_worker(victim)
         lease = stack.job_row(job_id).lease_expires_at  # no one renews it any more
-        # the surviving worker's reaper sees the lease run out, re-queues and re-sends the job
+        stack.start_worker(wait=False)  # the replacement boots while the lease runs out
+        # a reaper (the surviving worker's, or the replacement's once up) sees the lease run out, re-queues
+        # and re-sends the job
         poll(c, job_id, lambda j: j["attempt"] >= 2 or j["status"] == "queued", LEASE_S + 60, "the reaper")
-        stack.start_worker(wait=False)  # the replacement boots while the retry runs
         job = poll(c, job_id, lambda j: j["status"] in FINAL, 180)
         assert job["status"] == "succeeded", (job["error"], stack.logs())
         assert job["attempt"] == 2
@@ -557,8 +573,7 @@ def test_a_worker_killed_between_publishing_and_succeeding_is_retried_idempotent
     with stack.client(headers) as c:
         job_id = create_job(c, model_id, fs_id, QUICK)
         stack.hooks.arm(job_id, "kill_before_succeed")
-        wait_until(lambda: stack.hooks.taken(job_id, "kill_before_succeed"), 120, what="the worker to die")
-        stack.start_worker(wait=False)
+        wait_until(lambda: stack.hooks.taken(job_id, "kill_before_succeed"), 120, what="the job's process to die")
         prefix = f"teams/{team_id}/jobs/{job_id}"
         orphaned = storage.list(prefix)
         assert f"{prefix}/checkpoint.tar" in orphaned  # attempt 1 published its artifacts, then died
