@@ -153,6 +153,45 @@ def test_posterior_weighted_guidance_pushes_only_forget_like_inputs(tiny_unet, t
     assert part.norm() < 0.2 * full.norm()
 
 
+def test_kernel_log_density_matches_the_empirical_denoiser_and_blur_softens_it(tiny_scheduler):
+    from vdu_core.methods import empirical_forget_eps, kernel_log_density
+
+    g = torch.Generator().manual_seed(1)
+    refs = torch.rand(5, 1, 6, 6, generator=g) * 2 - 1
+    x_t = torch.randn(3, 1, 6, 6, generator=g)
+    t = torch.tensor([3, 40, 90])
+    _, exact = empirical_forget_eps(x_t, t, refs, tiny_scheduler, with_log_density=True)
+    torch.testing.assert_close(kernel_log_density(x_t, t, refs, tiny_scheduler, 0.0), exact)
+
+    def gap(blur):
+        return kernel_log_density(x_t, t, refs, tiny_scheduler, blur) - kernel_log_density(x_t, t, -refs,
+                                                                                           tiny_scheduler, blur)
+
+    assert (gap(4.0).abs() < gap(0.0).abs()).all()  # a wider kernel is less sure which set an input came from
+
+
+def test_odds_weighting_is_the_exact_not_forget_shift_capped(tiny_unet, tiny_scheduler):
+    from types import SimpleNamespace
+
+    from vdu_core.methods import ODDS_CAP, empirical_forget_eps, guided_target
+
+    g = torch.Generator().manual_seed(0)
+    forget = torch.rand(4, 1, 8, 8, generator=g) * 0.5 + 0.5
+    anchors = -(torch.rand(6, 1, 8, 8, generator=g) * 0.5 + 0.5)
+    cfg = UnlearnConfig.from_dict({"guidance_weighting": "odds", "guidance_scale": 1.0})
+    ctx = SimpleNamespace(config=cfg, original=tiny_unet.eval(), forget_images=forget, anchors=anchors,
+                          scheduler=tiny_scheduler)
+    low = torch.tensor([10, 10])
+    x_t = tiny_scheduler.add_noise(torch.cat([forget[:1], anchors[:1]]), torch.randn(2, 1, 8, 8, generator=g), low)
+    with torch.no_grad():
+        eps0 = tiny_unet(x_t, low).sample
+    eps_f = empirical_forget_eps(x_t, low, forget, tiny_scheduler)
+    target = guided_target(ctx, x_t, low)
+    # surely forget-like: the shift is capped at ODDS_CAP × (ε_F − ε0); surely not: no shift
+    torch.testing.assert_close(target[0], eps0[0] - ODDS_CAP * (eps_f[0] - eps0[0]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(target[1], eps0[1], rtol=1e-4, atol=1e-4)
+
+
 def test_guard_rolls_back_and_stops_when_retained_samples_drift(tiny_unet, tiny_scheduler):
     from tests.conftest import make_tiny_unet
 

@@ -154,12 +154,18 @@ class UnlearnConfig(_Validated):
             "forget inputs to the original's prediction guided away from the forget set's empirical score",
     )
     guidance_scale: float = _spec(5.0, gt=0.0, le=100.0, doc="η of the negative guidance target")
-    guidance_weighting: Literal["uniform", "posterior"] = _spec(
+    guidance_weighting: Literal["uniform", "posterior", "odds"] = _spec(
         "posterior",
-        doc="negative_guidance: push every forget input by η ('uniform') or by η × the kernel posterior that the "
-            "input is forget-like rather than the model's other output ('posterior'; also applied to anchors)",
+        doc="negative_guidance: push every forget input by η ('uniform'), by η × the kernel posterior r that the "
+            "input is forget-like rather than the model's other output ('posterior'), or by η × r/(1−r), the "
+            "exact shift to the model conditioned on not-forget ('odds', capped); both also applied to anchors",
     )
     forget_prior: float = _spec(0.1, gt=0.0, lt=1.0, doc="prior share of forget-like output ('posterior' weighting)")
+    posterior_bandwidth: float = _spec(
+        0.0, ge=0.0, le=1e6,
+        doc="'posterior'/'odds' weighting: blur each kernel in clean space by this multiple of the forget set's "
+            "median nearest-neighbour squared distance (per pixel); 0: the exact empirical kernels",
+    )
     anchor_weight: float = _spec(1.0, ge=0.0, le=1e6, doc="λ of the function-space term (0: off)")
     anchor_samples: int = _spec(512, ge=0, le=100000, doc="own samples of the original model used as anchors")
     anchor_exclude_fraction: float = _spec(

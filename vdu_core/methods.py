@@ -23,6 +23,12 @@ from vdu_core.objective import per_sample_mse, plasticity_term
 
 REGISTRY: dict[str, type[UnlearningMethod]] = {}
 
+#: guidance weightings that need the kernel posterior (and so the anchors)
+KERNEL_WEIGHTINGS = ("posterior", "odds")
+#: the largest r/(1−r) of the 'odds' weighting (r ≤ 0.95): where the input is surely forget-like the
+#: exact shift is unbounded; the cap keeps the regression target finite
+ODDS_CAP = 19.0
+
 
 def register(cls):
     REGISTRY[cls.name] = cls
@@ -136,7 +142,7 @@ class VDU(UnlearningMethod):
     def __init__(self, config):
         super().__init__(config)
         self.posterior_weighted = (config.plasticity_target == "negative_guidance"
-                                   and config.guidance_weighting == "posterior")
+                                   and config.guidance_weighting in KERNEL_WEIGHTINGS)
         # the posterior weighting compares against the anchors even when their own term is off
         self.needs_anchors = config.anchor_weight > 0 or self.posterior_weighted
 
@@ -189,13 +195,41 @@ def guided_target(ctx, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     eps0 = ctx.original(x_t, t).sample.float()
     eps_f, log_qf = empirical_forget_eps(x_t, t, ctx.forget_images, ctx.scheduler, with_log_density=True)
     weight = 1.0
-    if cfg.guidance_weighting == "posterior":
+    if cfg.guidance_weighting in KERNEL_WEIGHTINGS:
         if ctx.anchors is None or len(ctx.anchors) == 0:
-            raise ValueError("guidance_weighting 'posterior' needs anchor samples")
-        _, log_qa = empirical_forget_eps(x_t, t, ctx.anchors, ctx.scheduler, with_log_density=True)
-        prior = math.log(cfg.forget_prior) - math.log1p(-cfg.forget_prior)
-        weight = torch.sigmoid(prior + log_qf - log_qa).view(-1, *([1] * (x_t.dim() - 1)))
+            raise ValueError(f"guidance_weighting {cfg.guidance_weighting!r} needs anchor samples")
+        if cfg.posterior_bandwidth > 0:
+            blur = cfg.posterior_bandwidth * _kernel_scale(ctx)
+            log_qf = kernel_log_density(x_t, t, ctx.forget_images, ctx.scheduler, blur)
+            log_qa = kernel_log_density(x_t, t, ctx.anchors, ctx.scheduler, blur)
+        else:
+            _, log_qa = empirical_forget_eps(x_t, t, ctx.anchors, ctx.scheduler, with_log_density=True)
+        logit = math.log(cfg.forget_prior) - math.log1p(-cfg.forget_prior) + log_qf - log_qa
+        if cfg.guidance_weighting == "posterior":
+            weight = torch.sigmoid(logit)
+        else:  # r/(1−r): ε_θ₀ − r/(1−r)·(ε_F − ε_θ₀) is exactly the denoiser of p(x | not forget)
+            weight = logit.clamp(max=math.log(ODDS_CAP)).exp()
+        weight = weight.view(-1, *([1] * (x_t.dim() - 1)))
     return eps0 - cfg.guidance_scale * weight * (eps_f.float() - eps0)
+
+
+def _kernel_scale(ctx) -> float:
+    """Median squared distance from each forget image to its nearest other one, per pixel (cached)."""
+    if getattr(ctx, "_kernel_scale", None) is None:
+        ff = ctx.forget_images.float().flatten(1)
+        d = torch.cdist(ff, ff).fill_diagonal_(float("inf")).min(1).values if len(ff) > 1 else torch.ones(1)
+        ctx._kernel_scale = float(d.pow(2).median()) / ff.shape[1]
+    return ctx._kernel_scale
+
+
+def kernel_log_density(x_t: torch.Tensor, t: torch.Tensor, refs: torch.Tensor, scheduler, blur: float):
+    """log q(x_t) of ``refs`` forward-noised to t, each first blurred by N(0, blur·I) in clean space
+    (a kernel density estimate with bandwidth ``blur``), up to a constant shared by every set at t."""
+    ac = scheduler.alphas_cumprod.to(x_t.device)[t].float().view(-1, 1)
+    xf = x_t.float().flatten(1)
+    ff = refs.float().flatten(1).to(x_t.device)
+    dist2 = xf.pow(2).sum(1, keepdim=True) - 2 * ac.sqrt() * (xf @ ff.T) + ac * ff.pow(2).sum(1).view(1, -1)
+    return torch.logsumexp(-dist2 / (2 * ((1 - ac) + ac * blur)).clamp_min(1e-8), dim=1) - math.log(ff.shape[0])
 
 
 def empirical_forget_eps(x_t: torch.Tensor, t: torch.Tensor, forget: torch.Tensor, scheduler,

@@ -135,8 +135,8 @@ def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, line
                                   on_progress=phase("posterior"), should_cancel=should_cancel)
     anchor_set, anchor_info = None, None
     forget_all = forget_images
-    posterior_weighted = config.plasticity_target == "negative_guidance" and config.guidance_weighting == "posterior"
-    if config.method == "vdu" and (config.anchor_weight > 0 or config.self_forget_fraction > 0 or posterior_weighted):
+    needs_anchors = get_method(config.method)(config).needs_anchors
+    if needs_anchors or (config.method == "vdu" and config.self_forget_fraction > 0):
         if on_progress is not None:
             on_progress(Progress(step=0, total=1, losses={}, forget_loss_ratio=1.0, elapsed_s=0.0, eta_s=0.0,
                                  phase="anchors"))
@@ -145,7 +145,7 @@ def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, line
             self_forget_fraction=config.self_forget_fraction, should_cancel=should_cancel)
         if len(self_forget):
             forget_all = torch.cat([forget_images, self_forget.to(forget_images.device)])
-        if config.anchor_weight == 0 and not posterior_weighted:
+        if not needs_anchors:
             anchor_set = None
     report = loop.unlearn(unet, scheduler, forget_all, config, post, anchors=anchor_set,
                           on_progress=phase("unlearn"), should_cancel=should_cancel,
