@@ -24,8 +24,16 @@ from worker.demo import forget_zip
 
 pytestmark = pytest.mark.timeout(180)
 TINY = Path(__file__).resolve().parents[2] / "reference" / "mnist-ddpm-tiny"
+# 'uniform' guidance weighting: no anchors to sample (~30 s of CPU per job); the client is under test, not the method
 QUICK_JOB = {
-    "params": {"steps": 3, "batch_size": 4, "anchor_weight": 0, "self_forget_fraction": 0, "posterior": "lineage"},
+    "params": {
+        "steps": 3,
+        "batch_size": 4,
+        "anchor_weight": 0,
+        "self_forget_fraction": 0,
+        "posterior": "lineage",
+        "guidance_weighting": "uniform",
+    },
     "evaluation": {"enabled": False},
 }
 LONG_JOB = {**QUICK_JOB, "params": {**QUICK_JOB["params"], "steps": 2000, "posterior": "isotropic"}}

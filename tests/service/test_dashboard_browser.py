@@ -32,7 +32,7 @@ from worker.demo import forget_zip
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = REPO / "test-artifacts" / "dashboard"
-FAST_PARAMS = {"batch_size": 4, "anchor_weight": 0, "self_forget_fraction": 0}
+FAST_PARAMS = {"batch_size": 4, "anchor_weight": 0, "self_forget_fraction": 0, "guidance_weighting": "uniform"}
 EVALUATION = {"num_samples": 8, "grid_samples": 8, "sample_steps": 4, "forget_class": 0}
 
 pytestmark = [

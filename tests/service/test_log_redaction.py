@@ -13,7 +13,7 @@ import sys
 import httpx
 import pytest
 
-from tests.service.conftest import REDIS_URL
+from tests.service.conftest import REDIS_URL, migrated_database
 from tests.service.helpers import png_bytes, tiny_model_archive, zip_bytes
 from tests.service.stack import Proc, Stack, stack_env, start_api, wait_until
 
@@ -31,12 +31,14 @@ def leaks(text: str, key: str) -> list[str]:
     return [p for p in pieces if p in text]
 
 
-def test_api_keys_never_reach_logs_or_error_bodies(pg_url, redis_prefix, tmp_path):
+def test_api_keys_never_reach_logs_or_error_bodies(pg_databases, redis_prefix, tmp_path):
+    # A database and a queue of its own: on the session's, its worker first took (and failed, ~5 s
+    # each) every job other in-process tests had left queued there.
     env = stack_env(
         tmp_path,
-        database_url=pg_url,
+        database_url=migrated_database(pg_databases, "redaction_"),
         broker_url=REDIS_URL,
-        broker_key_prefix=redis_prefix,
+        broker_key_prefix=f"{redis_prefix}redaction:",
         storage_url=str(tmp_path / "storage"),
         log_level="DEBUG",
         log_json="true",
@@ -77,6 +79,7 @@ def test_api_keys_never_reach_logs_or_error_bodies(pg_url, redis_prefix, tmp_pat
                     "posterior": "isotropic",
                     "anchor_weight": 0,
                     "self_forget_fraction": 0,
+                    "guidance_weighting": "uniform",  # no anchors to sample: the logs are under test
                 },
                 "evaluation": {"enabled": False},
             }
