@@ -169,10 +169,10 @@ class UnlearnConfig(_Validated):
     anchor_weight: float = _spec(1.0, ge=0.0, le=1e6, doc="λ of the function-space term (0: off)")
     anchor_samples: int = _spec(512, ge=0, le=100000, doc="own samples of the original model used as anchors")
     anchor_exclude_fraction: float = _spec(
-        0.2, ge=0.0, lt=1.0, doc="share of anchors nearest the forget set left out"
+        0.0, ge=0.0, lt=1.0, doc="share of anchors nearest the forget set left out"
     )
     self_forget_fraction: float = _spec(
-        0.1, ge=0.0, lt=1.0,
+        0.0, ge=0.0, lt=1.0,
         doc="share of the original's own samples nearest the forget set added to the forget set (vdu only)",
     )
     guard_every: int = _spec(0, ge=0, doc="steps between guard checks of a fixed-seed sample (0: off)")

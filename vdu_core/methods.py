@@ -131,9 +131,10 @@ class VDU(UnlearningMethod):
       target is then used on the anchors, where it is ε_θ₀ wherever nothing is forget-like.
       ``ascent``: the paper's −‖ε − ε_θ‖², per sample capped at ``plasticity_bound`` × the original's
       loss on the same input.
-    * function_space: ‖ε_θ(a_t,t) − ε_θ₀(a_t,t)‖² on the original model's own samples ``a`` (those
-      nearest the forget set left out), weight λ = ``anchor_weight``: keeps everything else the model
-      generates where it was — the function-space inference the paper names as its next step.
+    * function_space: ‖ε_θ(a_t,t) − target(a_t,t)‖² on the original model's own samples ``a`` (by
+      default all of them: the posterior weighting compares the forget set with everything the model
+      generates, so no heuristic split is needed), weight λ = ``anchor_weight``: keeps everything else
+      the model generates where it was — the function-space inference the paper names as its next step.
     """
 
     name = "vdu"
