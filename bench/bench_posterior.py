@@ -5,7 +5,8 @@ the forgotten class and ≈ 0 elsewhere, or retained samples move. This draws th
 (DDIM), labels them with the built-in classifier (the evaluation's labels, used here only to score
 r_F), builds the posterior's reference sets from one half exactly as ``vdu_core.run`` does, and prints,
 on the other half noised to several t, the share of retained-class samples with r_F > 0.5 and the mean
-r_F of forget-class samples, for each anchor split and kernel bandwidth.
+r_F of forget-class samples, for each anchor split and kernel bandwidth (``--features``: also a k-NN
+posterior in the model's own mid-block features, a candidate not used in training yet).
 
     python bench/bench_posterior.py --model mnist-ddpm --digits 0 4 7
 """
@@ -39,6 +40,8 @@ def main(argv=None) -> None:
     ap.add_argument("--bandwidths", type=float, nargs="+", default=[0.0, 64.0])
     ap.add_argument("--splits", nargs="+", default=["0.2,0.1", "0,0"],
                     help="anchor_exclude_fraction,self_forget_fraction pairs")
+    ap.add_argument("--features", action="store_true",
+                    help="also score a k-NN posterior in the model's own mid-block features (a candidate)")
     args = ap.parse_args(argv)
 
     from diffusers import DDPMPipeline
@@ -74,6 +77,45 @@ def main(argv=None) -> None:
                     cells.append(f"{(r[~is_forget] > 0.5).float().mean():.2f}, {r[is_forget].mean():.2f}")
                 print(f"digit {digit} (forget-class {int(is_forget.sum())}/{len(test)}), exclude {exclude:g}, "
                       f"self-forget {self_share:g}, bandwidth {bw:g}: " + " | ".join(cells), flush=True)
+    if args.features:
+        forget_by_digit = {d: images[labels == d][: args.forget_count] for d in args.digits}
+        feature_knn_rows(pipe, forget_by_digit, build, test, test_labels, args.timesteps, args.prior)
+
+
+@torch.no_grad()
+def mid_features(unet, scheduler, x: torch.Tensor, t: int, seed: int) -> torch.Tensor:
+    """The UNet's mid-block output on ``x`` forward-noised to ``t`` (fixed noise), flattened, unit norm."""
+    import torch.nn.functional as F
+
+    out: dict = {}
+    hook = unet.mid_block.register_forward_hook(lambda m, i, o: out.__setitem__("mid", o))
+    try:
+        g = torch.Generator().manual_seed(seed)
+        tt = torch.full((len(x),), t)
+        x_t = scheduler.add_noise(x, torch.randn(x.shape, generator=g), tt)
+        chunks = []
+        for i in range(0, len(x), 128):
+            unet(x_t[i : i + 128], tt[i : i + 128])
+            chunks.append(out["mid"].flatten(1))
+    finally:
+        hook.remove()
+    return F.normalize(torch.cat(chunks), dim=1)
+
+
+def feature_knn_rows(pipe, forget_by_digit, build, test, test_labels, timesteps, prior: float, k: int = 10):
+    """r_F = π·q_F/p_model with k-NN densities in the model's own mid-block features (no split)."""
+    unet = pipe.unet.eval()
+    for digit, forget in forget_by_digit.items():
+        is_forget = test_labels == digit
+        cells = []
+        for t in timesteps:
+            a, b, q = (mid_features(unet, pipe.scheduler, x, t, seed) for seed, x in enumerate((forget, build, test)))
+            near = torch.cat([torch.ones(len(a)), torch.zeros(len(b))])[
+                torch.cat([torch.cdist(q, a), torch.cdist(q, b)], 1).topk(k, largest=False).indices]
+            r = (prior * (near.sum(1) / len(a)) / (((1 - near).sum(1) + 0.5) / len(b))).clamp(max=1)
+            cells.append(f"{(r[~is_forget] > 0.5).float().mean():.2f}, {r[is_forget].mean():.2f}")
+        print(f"digit {digit} (forget-class {int(is_forget.sum())}/{len(test)}), model mid-block features, "
+              f"{k}-NN, no split: " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
