@@ -192,6 +192,29 @@ def test_odds_weighting_is_the_exact_not_forget_shift_capped(tiny_unet, tiny_sch
     torch.testing.assert_close(target[1], eps0[1], rtol=1e-4, atol=1e-4)
 
 
+def test_feature_posterior_tells_forget_like_inputs_from_the_rest(tiny_unet, tiny_scheduler):
+    from types import SimpleNamespace
+
+    from vdu_core.methods import _flat_features, _mid_block_output, feature_posterior, guided_target
+
+    g = torch.Generator().manual_seed(0)
+    forget = torch.rand(12, 1, 8, 8, generator=g) * 0.5 + 0.5  # bright images
+    anchors = -(torch.rand(24, 1, 8, 8, generator=g) * 0.5 + 0.5)  # dark images
+    cfg = UnlearnConfig.from_dict({"posterior_space": "features", "forget_prior": 0.2})
+    ctx = SimpleNamespace(config=cfg, original=tiny_unet.eval(), forget_images=forget, anchors=anchors,
+                          scheduler=tiny_scheduler)
+    low = torch.tensor([5, 5])
+    x_t = tiny_scheduler.add_noise(torch.cat([forget[:1], anchors[:1]]), torch.randn(2, 1, 8, 8, generator=g), low)
+    with torch.no_grad(), _mid_block_output(ctx.original) as mid:
+        eps0 = ctx.original(x_t, low).sample
+    r = feature_posterior(ctx, _flat_features(mid["out"]), low)
+    assert r[0] > 0.9 and r[1] < 0.05
+    with torch.no_grad():
+        target = guided_target(ctx, x_t, low)
+    torch.testing.assert_close(target[1], eps0[1], rtol=0.05, atol=0.05)  # anchor-like: (almost) unchanged
+    assert not torch.allclose(target[0], eps0[0], atol=1e-3)
+
+
 def test_guard_rolls_back_and_stops_when_retained_samples_drift(tiny_unet, tiny_scheduler):
     from tests.conftest import make_tiny_unet
 

@@ -161,6 +161,11 @@ class UnlearnConfig(_Validated):
             "exact shift to the model conditioned on not-forget ('odds', capped); both also applied to anchors",
     )
     forget_prior: float = _spec(0.1, gt=0.0, lt=1.0, doc="prior share of forget-like output ('posterior' weighting)")
+    posterior_space: Literal["pixels", "features"] = _spec(
+        "pixels",
+        doc="'posterior'/'odds' weighting: kernel densities on pixels, or a k-NN density ratio in the original "
+            "model's own mid-block features ('features'; bench/bench_posterior.py --features)",
+    )
     posterior_bandwidth: float = _spec(
         0.0, ge=0.0, le=1e6,
         doc="'posterior'/'odds' weighting: blur each kernel in clean space by this multiple of the forget set's "

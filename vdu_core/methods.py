@@ -13,6 +13,7 @@ method reports each of its terms separately.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -193,13 +194,19 @@ def guided_target(ctx, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     classes are left alone; where x_t is forget-like, r_F ≈ 1 and the push is the full η.
     """
     cfg = ctx.config
-    eps0 = ctx.original(x_t, t).sample.float()
+    features = cfg.guidance_weighting in KERNEL_WEIGHTINGS and cfg.posterior_space == "features"
+    with _mid_block_output(ctx.original) if features else contextlib.nullcontext() as mid:
+        eps0 = ctx.original(x_t, t).sample.float()
     eps_f, log_qf = empirical_forget_eps(x_t, t, ctx.forget_images, ctx.scheduler, with_log_density=True)
     weight = 1.0
     if cfg.guidance_weighting in KERNEL_WEIGHTINGS:
         if ctx.anchors is None or len(ctx.anchors) == 0:
             raise ValueError(f"guidance_weighting {cfg.guidance_weighting!r} needs anchor samples")
-        if cfg.posterior_bandwidth > 0:
+        if features:
+            r = feature_posterior(ctx, _flat_features(mid["out"]), t).clamp(1e-6, 1 - 1e-6)
+            log_qf, log_qa = torch.log(r), torch.log1p(-r)  # so that the logit below is r's own
+            log_qf = log_qf - (math.log(cfg.forget_prior) - math.log1p(-cfg.forget_prior))
+        elif cfg.posterior_bandwidth > 0:
             blur = cfg.posterior_bandwidth * _kernel_scale(ctx)
             log_qf = kernel_log_density(x_t, t, ctx.forget_images, ctx.scheduler, blur)
             log_qa = kernel_log_density(x_t, t, ctx.anchors, ctx.scheduler, blur)
@@ -212,6 +219,72 @@ def guided_target(ctx, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             weight = logit.clamp(max=math.log(ODDS_CAP)).exp()
         weight = weight.view(-1, *([1] * (x_t.dim() - 1)))
     return eps0 - cfg.guidance_scale * weight * (eps_f.float() - eps0)
+
+
+@contextlib.contextmanager
+def _mid_block_output(unet):
+    """Capture ``unet.mid_block``'s output during the calls inside the ``with`` block."""
+    out: dict = {}
+    hook = unet.mid_block.register_forward_hook(lambda m, i, o: out.__setitem__("out", o))
+    try:
+        yield out
+    finally:
+        hook.remove()
+
+
+def _flat_features(h: torch.Tensor) -> torch.Tensor:
+    if h.dim() == 4 and (h.shape[-1] > 8 or h.shape[-2] > 8):
+        h = torch.nn.functional.adaptive_avg_pool2d(h, 8)
+    return torch.nn.functional.normalize(h.float().flatten(1), dim=1)
+
+
+#: timesteps at which the reference sets' features are precomputed for the 'features' posterior
+FEATURE_GRID = 10
+FEATURE_K = 10
+
+
+@torch.no_grad()
+def _reference_features(ctx):
+    """Features of the forget images and of the anchors, each noised to every grid timestep (cached)."""
+    cache = getattr(ctx, "_ref_features", None)
+    if cache is not None:
+        return cache
+    t_hi = ctx.scheduler.config.num_train_timesteps
+    grid = torch.linspace(0, t_hi - 1, FEATURE_GRID).round().long()
+    g = torch.Generator().manual_seed(int(ctx.config.seed) + 7)
+    sets = []
+    for refs in (ctx.forget_images, ctx.anchors):
+        per_t = []
+        for tg in grid.tolist():
+            chunks = []
+            for i in range(0, len(refs), 128):
+                x0 = refs[i : i + 128]
+                tt = torch.full((len(x0),), tg, dtype=torch.long, device=x0.device)
+                x_t = ctx.scheduler.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0.device), tt)
+                with _mid_block_output(ctx.original) as mid:
+                    ctx.original(x_t, tt)
+                chunks.append(_flat_features(mid["out"]))
+            per_t.append(torch.cat(chunks))
+        sets.append(torch.stack(per_t))
+    ctx._ref_features = (grid.to(sets[0].device), sets[0], sets[1])
+    return ctx._ref_features
+
+
+def feature_posterior(ctx, feats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """r_F = π·q_F/p_model with k-NN densities in the original's mid-block features: among the k nearest
+    references at the grid timestep nearest t, c_F forget images and c_A of the model's own samples."""
+    grid, f_feat, a_feat = _reference_features(ctx)
+    idx = (t.view(-1, 1).to(grid.device) - grid.view(1, -1)).abs().argmin(1)
+    n_f, n_a = f_feat.shape[1], a_feat.shape[1]
+    k = min(FEATURE_K, n_f + n_a)
+    r = torch.empty(len(feats), device=feats.device)
+    for j in idx.unique().tolist():
+        rows = (idx == j).nonzero().flatten()
+        d = torch.cat([torch.cdist(feats[rows], f_feat[j]), torch.cdist(feats[rows], a_feat[j])], 1)
+        near = (d.topk(k, largest=False).indices < n_f).float()
+        c_f = near.sum(1)
+        r[rows] = ctx.config.forget_prior * (c_f / n_f) / ((k - c_f + 0.5) / n_a)
+    return r.clamp(max=1.0)
 
 
 def _kernel_scale(ctx) -> float:
