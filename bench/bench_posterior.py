@@ -24,7 +24,14 @@ import torch  # noqa: E402
 
 from vdu_core import metrics  # noqa: E402
 from vdu_core.anchors import nearest_forget_distance  # noqa: E402
-from vdu_core.methods import kernel_log_density  # noqa: E402
+from vdu_core.methods import (  # noqa: E402
+    FEATURE_K,
+    flat_features,
+    kernel_log_density,
+    kernel_scale,
+    knn_forget_ratio,
+    mid_block_output,
+)
 from vdu_core.reference import REFERENCE_DIR, load_mnist_5k  # noqa: E402
 from vdu_core.sampling import sample_images  # noqa: E402
 
@@ -64,8 +71,7 @@ def main(argv=None) -> None:
             exclude, self_share = (float(v) for v in split.split(","))
             refs_f = torch.cat([forget, build[order[: int(self_share * half)]]])
             refs_a = build[order[int(exclude * half):]]
-            ff = refs_f.flatten(1)
-            scale = float(torch.cdist(ff, ff).fill_diagonal_(float("inf")).min(1).values.pow(2).median()) / ff.shape[1]
+            scale = kernel_scale(refs_f)
             for bw in args.bandwidths:
                 g = torch.Generator().manual_seed(0)
                 cells = []
@@ -84,38 +90,30 @@ def main(argv=None) -> None:
 
 @torch.no_grad()
 def mid_features(unet, scheduler, x: torch.Tensor, t: int, seed: int) -> torch.Tensor:
-    """The UNet's mid-block output on ``x`` forward-noised to ``t`` (fixed noise), flattened, unit norm."""
-    import torch.nn.functional as F
-
-    out: dict = {}
-    hook = unet.mid_block.register_forward_hook(lambda m, i, o: out.__setitem__("mid", o))
-    try:
-        g = torch.Generator().manual_seed(seed)
-        tt = torch.full((len(x),), t)
-        x_t = scheduler.add_noise(x, torch.randn(x.shape, generator=g), tt)
-        chunks = []
-        for i in range(0, len(x), 128):
+    """The UNet's mid-block features (as the 'features' posterior uses them) on ``x`` noised to ``t``."""
+    g = torch.Generator().manual_seed(seed)
+    tt = torch.full((len(x),), t)
+    x_t = scheduler.add_noise(x, torch.randn(x.shape, generator=g), tt)
+    chunks = []
+    for i in range(0, len(x), 128):
+        with mid_block_output(unet) as mid:
             unet(x_t[i : i + 128], tt[i : i + 128])
-            chunks.append(out["mid"].flatten(1))
-    finally:
-        hook.remove()
-    return F.normalize(torch.cat(chunks), dim=1)
+        chunks.append(flat_features(mid["out"]))
+    return torch.cat(chunks)
 
 
-def feature_knn_rows(pipe, forget_by_digit, build, test, test_labels, timesteps, prior: float, k: int = 10):
-    """r_F = π·q_F/p_model with k-NN densities in the model's own mid-block features (no split)."""
+def feature_knn_rows(pipe, forget_by_digit, build, test, test_labels, timesteps, prior: float):
+    """The 'features' posterior (``knn_forget_ratio`` on mid-block features, no split)."""
     unet = pipe.unet.eval()
     for digit, forget in forget_by_digit.items():
         is_forget = test_labels == digit
         cells = []
         for t in timesteps:
             a, b, q = (mid_features(unet, pipe.scheduler, x, t, seed) for seed, x in enumerate((forget, build, test)))
-            near = torch.cat([torch.ones(len(a)), torch.zeros(len(b))])[
-                torch.cat([torch.cdist(q, a), torch.cdist(q, b)], 1).topk(k, largest=False).indices]
-            r = (prior * (near.sum(1) / len(a)) / (((1 - near).sum(1) + 0.5) / len(b))).clamp(max=1)
+            r = knn_forget_ratio(q, a, b, prior)
             cells.append(f"{(r[~is_forget] > 0.5).float().mean():.2f}, {r[is_forget].mean():.2f}")
         print(f"digit {digit} (forget-class {int(is_forget.sum())}/{len(test)}), model mid-block features, "
-              f"{k}-NN, no split: " + " | ".join(cells), flush=True)
+              f"{FEATURE_K}-NN, no split: " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def test_odds_weighting_is_the_exact_not_forget_shift_capped(tiny_unet, tiny_sch
 def test_feature_posterior_tells_forget_like_inputs_from_the_rest(tiny_unet, tiny_scheduler):
     from types import SimpleNamespace
 
-    from vdu_core.methods import _flat_features, _mid_block_output, feature_posterior, guided_target
+    from vdu_core.methods import feature_posterior, flat_features, guided_target, mid_block_output
 
     g = torch.Generator().manual_seed(0)
     forget = torch.rand(12, 1, 8, 8, generator=g) * 0.5 + 0.5  # bright images
@@ -205,9 +205,9 @@ def test_feature_posterior_tells_forget_like_inputs_from_the_rest(tiny_unet, tin
                           scheduler=tiny_scheduler)
     low = torch.tensor([5, 5])
     x_t = tiny_scheduler.add_noise(torch.cat([forget[:1], anchors[:1]]), torch.randn(2, 1, 8, 8, generator=g), low)
-    with torch.no_grad(), _mid_block_output(ctx.original) as mid:
+    with torch.no_grad(), mid_block_output(ctx.original) as mid:
         eps0 = ctx.original(x_t, low).sample
-    r = feature_posterior(ctx, _flat_features(mid["out"]), low)
+    r = feature_posterior(ctx, flat_features(mid["out"]), low)
     assert r[0] > 0.9 and r[1] < 0.05
     with torch.no_grad():
         target = guided_target(ctx, x_t, low)

@@ -195,7 +195,7 @@ def guided_target(ctx, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """
     cfg = ctx.config
     features = cfg.guidance_weighting in KERNEL_WEIGHTINGS and cfg.posterior_space == "features"
-    with _mid_block_output(ctx.original) if features else contextlib.nullcontext() as mid:
+    with mid_block_output(ctx.original) if features else contextlib.nullcontext() as mid:
         eps0 = ctx.original(x_t, t).sample.float()
     eps_f, log_qf = empirical_forget_eps(x_t, t, ctx.forget_images, ctx.scheduler, with_log_density=True)
     weight = 1.0
@@ -203,16 +203,14 @@ def guided_target(ctx, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if ctx.anchors is None or len(ctx.anchors) == 0:
             raise ValueError(f"guidance_weighting {cfg.guidance_weighting!r} needs anchor samples")
         if features:
-            r = feature_posterior(ctx, _flat_features(mid["out"]), t).clamp(1e-6, 1 - 1e-6)
-            log_qf, log_qa = torch.log(r), torch.log1p(-r)  # so that the logit below is r's own
-            log_qf = log_qf - (math.log(cfg.forget_prior) - math.log1p(-cfg.forget_prior))
-        elif cfg.posterior_bandwidth > 0:
-            blur = cfg.posterior_bandwidth * _kernel_scale(ctx)
-            log_qf = kernel_log_density(x_t, t, ctx.forget_images, ctx.scheduler, blur)
-            log_qa = kernel_log_density(x_t, t, ctx.anchors, ctx.scheduler, blur)
+            r = feature_posterior(ctx, flat_features(mid["out"]), t).clamp(1e-6, 1 - 1e-6)
+            logit = torch.log(r) - torch.log1p(-r)
         else:
-            _, log_qa = empirical_forget_eps(x_t, t, ctx.anchors, ctx.scheduler, with_log_density=True)
-        logit = math.log(cfg.forget_prior) - math.log1p(-cfg.forget_prior) + log_qf - log_qa
+            blur = cfg.posterior_bandwidth * _kernel_scale(ctx) if cfg.posterior_bandwidth > 0 else 0.0
+            if blur:
+                log_qf = kernel_log_density(x_t, t, ctx.forget_images, ctx.scheduler, blur)
+            log_qa = kernel_log_density(x_t, t, ctx.anchors, ctx.scheduler, blur)
+            logit = math.log(cfg.forget_prior) - math.log1p(-cfg.forget_prior) + log_qf - log_qa
         if cfg.guidance_weighting == "posterior":
             weight = torch.sigmoid(logit)
         else:  # r/(1−r): ε_θ₀ − r/(1−r)·(ε_F − ε_θ₀) is exactly the denoiser of p(x | not forget)
@@ -222,7 +220,7 @@ def guided_target(ctx, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _mid_block_output(unet):
+def mid_block_output(unet):
     """Capture ``unet.mid_block``'s output during the calls inside the ``with`` block."""
     out: dict = {}
     hook = unet.mid_block.register_forward_hook(lambda m, i, o: out.__setitem__("out", o))
@@ -232,7 +230,8 @@ def _mid_block_output(unet):
         hook.remove()
 
 
-def _flat_features(h: torch.Tensor) -> torch.Tensor:
+def flat_features(h: torch.Tensor) -> torch.Tensor:
+    """Mid-block activations as unit vectors (spatially pooled to at most 8×8 first)."""
     if h.dim() == 4 and (h.shape[-1] > 8 or h.shape[-2] > 8):
         h = torch.nn.functional.adaptive_avg_pool2d(h, 8)
     return torch.nn.functional.normalize(h.float().flatten(1), dim=1)
@@ -261,9 +260,9 @@ def _reference_features(ctx):
                 x0 = refs[i : i + 128]
                 tt = torch.full((len(x0),), tg, dtype=torch.long, device=x0.device)
                 x_t = ctx.scheduler.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0.device), tt)
-                with _mid_block_output(ctx.original) as mid:
+                with mid_block_output(ctx.original) as mid:
                     ctx.original(x_t, tt)
-                chunks.append(_flat_features(mid["out"]))
+                chunks.append(flat_features(mid["out"]))
             per_t.append(torch.cat(chunks))
         sets.append(torch.stack(per_t))
     ctx._ref_features = (grid.to(sets[0].device), sets[0], sets[1])
@@ -271,29 +270,39 @@ def _reference_features(ctx):
 
 
 def feature_posterior(ctx, feats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """r_F = π·q_F/p_model with k-NN densities in the original's mid-block features: among the k nearest
-    references at the grid timestep nearest t, c_F forget images and c_A of the model's own samples."""
+    """``knn_forget_ratio`` against the references' features at the grid timestep nearest each t."""
     grid, f_feat, a_feat = _reference_features(ctx)
     idx = (t.view(-1, 1).to(grid.device) - grid.view(1, -1)).abs().argmin(1)
-    n_f, n_a = f_feat.shape[1], a_feat.shape[1]
-    k = min(FEATURE_K, n_f + n_a)
     r = torch.empty(len(feats), device=feats.device)
     for j in idx.unique().tolist():
         rows = (idx == j).nonzero().flatten()
-        d = torch.cat([torch.cdist(feats[rows], f_feat[j]), torch.cdist(feats[rows], a_feat[j])], 1)
-        near = (d.topk(k, largest=False).indices < n_f).float()
-        c_f = near.sum(1)
-        r[rows] = ctx.config.forget_prior * (c_f / n_f) / ((k - c_f + 0.5) / n_a)
-    return r.clamp(max=1.0)
+        r[rows] = knn_forget_ratio(feats[rows], f_feat[j], a_feat[j], ctx.config.forget_prior)
+    return r
+
+
+def knn_forget_ratio(query: torch.Tensor, forget: torch.Tensor, own: torch.Tensor, prior: float,
+                     k: int = FEATURE_K) -> torch.Tensor:
+    """r_F = π·q_F/p_model with k-NN densities: among each query's k nearest of ``forget`` ∪ ``own``,
+    c_F forget and c_A own references give q_F ∝ c_F/n_F and p_model ∝ (c_A + ½)/n_A; capped at 1."""
+    n_f, n_a = len(forget), len(own)
+    k = min(k, n_f + n_a)
+    d = torch.cat([torch.cdist(query, forget), torch.cdist(query, own)], 1)
+    c_f = (d.topk(k, largest=False).indices < n_f).float().sum(1)
+    return (prior * (c_f / n_f) / ((k - c_f + 0.5) / n_a)).clamp(max=1.0)
 
 
 def _kernel_scale(ctx) -> float:
-    """Median squared distance from each forget image to its nearest other one, per pixel (cached)."""
     if getattr(ctx, "_kernel_scale", None) is None:
-        ff = ctx.forget_images.float().flatten(1)
-        d = torch.cdist(ff, ff).fill_diagonal_(float("inf")).min(1).values if len(ff) > 1 else torch.ones(1)
-        ctx._kernel_scale = float(d.pow(2).median()) / ff.shape[1]
+        ctx._kernel_scale = kernel_scale(ctx.forget_images)
     return ctx._kernel_scale
+
+
+def kernel_scale(forget: torch.Tensor) -> float:
+    """Median squared distance from each forget image to its nearest other one, per pixel."""
+    ff = forget.float().flatten(1)
+    if len(ff) < 2:
+        return 1.0
+    return float(torch.cdist(ff, ff).fill_diagonal_(float("inf")).min(1).values.pow(2).median()) / ff.shape[1]
 
 
 def kernel_log_density(x_t: torch.Tensor, t: torch.Tensor, refs: torch.Tensor, scheduler, blur: float):
