@@ -8,7 +8,10 @@ method unlearns a fresh copy of the model (the same building blocks as ``vdu-cor
 posterior, anchors, loop) and is evaluated on ``--samples`` paired samples (same seeds before and
 after; DDIM ``--sample-steps``) with the built-in classifier: PUL, u-FID of both models,
 retained-kept share, largest single-class share, forget-set loss ratio, wall time of the
-unlearning (posterior + anchors + loop). The original model's samples are drawn once per model.
+unlearning (posterior + anchors + loop), and how far the paired samples moved (mean pixel L2 between
+before and after, over the seeds that were the forgotten class / another class: "moved F/R"; a method
+that forgets selectively moves the first far and the second little). The original model's samples are
+drawn once per model.
 Prints one table and appends it, with the exact settings, to ``--log`` (markdown).
 """
 
@@ -113,11 +116,15 @@ def main(argv=None) -> None:
             share = metrics.largest_class_share(preds_a, num_classes=10)
             fid_a = metrics.u_fid(after, real_stats, classifier)["value"]
             col = metrics.collapse_check(preds_b, preds_a, k, u_fid_ratio=fid_a / fid_b)
+            moved = (after - before).flatten(1).norm(dim=1)
+            was_forget = preds_b == k
             ok = (p is not None and p >= FLOORS["pul"] and fid_a / fid_b <= FLOORS["u_fid_ratio"]
                   and rk >= FLOORS["retained_kept"] and not col["value"])
             row = {"digit": k, "method": method, "pul": p, "u_fid_orig": fid_b, "u_fid_unl": fid_a,
                    "retained_kept": rk, "largest_share": share["value"], "largest_class": share["class"],
                    "forget_ratio": report.forget_loss_ratio, "steps": report.steps_run, "secs": secs,
+                   "moved_forget": float(moved[was_forget].mean()) if was_forget.any() else float("nan"),
+                   "moved_retained": float(moved[~was_forget].mean()),
                    "collapsed": col["value"], "meets_floors": ok, "stopped_by": report.stopped_by,
                    "guard": (report.guard or {}).get("checks", []),
                    "params": {k2: v for k2, v in params.items() if k2 != "method"}}
@@ -137,7 +144,7 @@ def main(argv=None) -> None:
 
 HEADER = (f"| {'digit':>5} | {'method':<16} | {'PUL %':>6} | {'u-FID orig':>10} | {'u-FID unl':>9} | "
           f"{'ratio':>5} | {'ret.kept':>8} | {'top share':>9} | {'forget loss x':>13} | {'steps':>5} | "
-          f"{'time s':>6} | floors |")
+          f"{'time s':>6} | {'moved F/R':>9} | floors |")
 
 
 def fmt_row(r: dict) -> str:
@@ -146,7 +153,7 @@ def fmt_row(r: dict) -> str:
     return (f"| {r['digit']:>5} | {r['method']:<16} | {pul:>6} | {r['u_fid_orig']:>10.2f} | "
             f"{r['u_fid_unl']:>9.2f} | {r['u_fid_unl'] / r['u_fid_orig']:>5.2f} | {r['retained_kept']:>8.3f} | "
             f"{r['largest_share']:>6.3f} ({r['largest_class']}) | {r['forget_ratio']:>13.2f} | {r['steps']:>5} | "
-            f"{r['secs']:>6.0f} | {verdict} |")
+            f"{r['secs']:>6.0f} | {r['moved_forget']:>4.1f}/{r['moved_retained']:<4.1f} | {verdict} |")
 
 
 def render(rows, args, model_dir, hist_b) -> str:
@@ -158,7 +165,7 @@ def render(rows, args, model_dir, hist_b) -> str:
         f"overrides {parse_sets(args.set) or 'none'}; lineage posterior: {args.lineage}",
         "",
         HEADER,
-        "|" + "|".join("---" for _ in range(12)) + "|",
+        "|" + "|".join("---" for _ in range(13)) + "|",
         *[fmt_row(r) for r in rows],
         "",
     ]
