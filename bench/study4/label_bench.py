@@ -4,14 +4,17 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from bench_posterior import mid_features
 from diffusers import DDPMPipeline
 
 from vdu_core import metrics
-from vdu_core.methods import flat_features, kernel_log_density, kernel_scale, mid_block_output
+from vdu_core.methods import kernel_log_density, kernel_scale
 from vdu_core.reference import REFERENCE_DIR, load_mnist_5k
 from vdu_core.sampling import sample_images
 
@@ -26,17 +29,9 @@ lab, _ = metrics.classify(metrics.load_classifier("builtin:mnist"), own)
 images, labels = load_mnist_5k()
 
 
-@torch.no_grad()
-def feats(x, t, seed, pool=True):
-    g = torch.Generator().manual_seed(seed)
-    tt = torch.full((len(x),), t)
-    x_t = sch.add_noise(x, torch.randn(x.shape, generator=g), tt)
-    out = []
-    for i in range(0, len(x), 128):
-        with mid_block_output(unet) as mid:
-            unet(x_t[i : i + 128], tt[i : i + 128])
-        out.append(flat_features(mid["out"]))
-    return torch.cat(out)
+def feats(x, t, seed):
+    """The 'features' posterior's mid-block features of ``x`` noised to ``t`` (bench_posterior's)."""
+    return mid_features(unet, sch, x, t, seed)
 
 
 def knn_loo(q_f, q_o, k=10, prior=0.1):
