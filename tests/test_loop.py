@@ -235,3 +235,26 @@ def test_guard_lets_a_gentle_run_finish(tiny_unet, tiny_scheduler):
                                    "guard_max_drift": 10.0})
     report = loop.unlearn(tiny_unet, tiny_scheduler, _forget(), cfg, None)
     assert report.stopped_by == "max_steps" and len(report.guard["checks"]) == 2
+
+
+def test_feature_posterior_on_a_model_without_mid_block_is_refused_before_any_work(tiny_scheduler):
+    from diffusers import UNet2DModel
+
+    from vdu_core.errors import ConfigError
+    from vdu_core.run import unlearn_model
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, mid_block_type=None)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    phases = []
+    cfg = UnlearnConfig.from_dict({"posterior_space": "features", "steps": 2, "anchor_samples": 8})
+    with pytest.raises(ConfigError) as err:
+        unlearn_model(unet, tiny_scheduler, torch.rand(4, 1, 8, 8) * 2 - 1, cfg,
+                      on_progress=lambda p: phases.append(p.phase))
+    assert err.value.field == "params.posterior_space" and "mid-block" in err.value.message
+    assert phases == []  # nothing ran: no posterior, no anchors, no step
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    # the same model is fine with the default pixel posterior
+    unlearn_model(unet, tiny_scheduler, torch.rand(4, 1, 8, 8) * 2 - 1,
+                  UnlearnConfig.from_dict({"steps": 1, "anchor_samples": 8, "posterior": "isotropic"}))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vdu_core.config import METHOD_NAMES
+from vdu_core.errors import ConfigError
 from vdu_core.objective import per_sample_mse, plasticity_term
 
 REGISTRY: dict[str, type[UnlearningMethod]] = {}
@@ -86,6 +87,9 @@ class UnlearningMethod:
     def compute(self, ctx, batch: ForgetBatch) -> Terms:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def check_model(self, unet) -> None:
+        """Refuse, with a ``ConfigError`` naming the parameter, a model this configuration cannot use."""
+
 
 def _plasticity(ctx, batch: ForgetBatch) -> tuple[torch.Tensor, torch.Tensor]:
     pred = ctx.unet(batch.x_t, batch.t).sample
@@ -148,6 +152,12 @@ class VDU(UnlearningMethod):
         # the posterior weighting compares against the anchors even when their own term is off
         self.needs_anchors = config.anchor_weight > 0 or self.posterior_weighted
 
+    def check_model(self, unet) -> None:
+        if (self.posterior_weighted and self.config.posterior_space == "features"
+                and getattr(unet, "mid_block", None) is None):
+            raise ConfigError("posterior_space 'features' reads the UNet's mid-block, and this model has none; "
+                              "use 'pixels'", field="params.posterior_space")
+
     def compute(self, ctx, batch: ForgetBatch) -> Terms:
         cfg = self.config
         gamma = cfg.gamma
@@ -192,6 +202,8 @@ def guided_target(ctx, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     the score of p(x)·(1 − r_F(x)) to first order (∇log(1−r_F) ∝ r_F (ε_F − ε)): at high noise, where
     every class overlaps, r_F ≈ the prior and the push is small, so trajectories that end in other
     classes are left alone; where x_t is forget-like, r_F ≈ 1 and the push is the full η.
+    ``posterior_space`` "features": r_F is instead a k-NN density ratio in the original's mid-block
+    features (``feature_posterior``).
     """
     cfg = ctx.config
     features = cfg.guidance_weighting in KERNEL_WEIGHTINGS and cfg.posterior_space == "features"

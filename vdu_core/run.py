@@ -128,14 +128,16 @@ def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, line
     def phase(name: str):
         return _phased(on_progress, name)
 
+    method = get_method(config.method)(config)
+    method.check_model(unet)  # before any work: a configuration the model cannot serve is refused first
     post = None
-    if get_method(config.method).uses_posterior and config.gamma > 0:
+    if method.uses_posterior and config.gamma > 0:
         post = posterior.estimate(unet, scheduler, config, lineage_states=lineage_states,
                                   cache_dir=Path(cache_dir) / "posteriors" if cache_dir else None,
                                   on_progress=phase("posterior"), should_cancel=should_cancel)
     anchor_set, anchor_info = None, None
     forget_all = forget_images
-    needs_anchors = get_method(config.method)(config).needs_anchors
+    needs_anchors = method.needs_anchors
     if needs_anchors or (config.method == "vdu" and config.self_forget_fraction > 0):
         if on_progress is not None:
             on_progress(Progress(step=0, total=1, losses={}, forget_loss_ratio=1.0, elapsed_s=0.0, eta_s=0.0,
