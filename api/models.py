@@ -133,9 +133,7 @@ def _register_upload(session: Session, settings: Settings, storage: Storage, tea
     lineage_files = upload.files_for("lineage")
     if len(lineage_files) > MAX_LINEAGE:
         raise InvalidInput(f"at most {MAX_LINEAGE} lineage checkpoints", field="lineage")
-    limits = ModelLimits(
-        max_members=settings.max_model_archive_members, max_unpacked_bytes=settings.max_model_unpacked_bytes
-    )
+    limits = ModelLimits.from_settings(settings)
     main = mains[0]
     name = check_name(upload.fields.get("name"), main.filename)
     summary = inspect_model_file(main.path, limits, field="file")

@@ -72,6 +72,12 @@ class ModelLimits:
     max_members: int = 200
     max_unpacked_bytes: int = 16 * 1024**3
 
+    @classmethod
+    def from_settings(cls, settings) -> ModelLimits:
+        """The limits the service's settings set (the API at upload and the worker at fetch agree)."""
+        return cls(max_members=settings.max_model_archive_members,
+                   max_unpacked_bytes=settings.max_model_unpacked_bytes)
+
 
 def _refuse(message: str, rule: str, field: str = "file") -> ModelLoadError:
     return ModelLoadError(message, rule=rule, field=field)

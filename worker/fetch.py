@@ -112,9 +112,7 @@ def _fetch_ref(
 
 def fetch_model(model, storage: Storage, settings: Settings, workdir: Path) -> ModelInputs:
     """The model and its lineage as references ``run_unlearning`` accepts."""
-    limits = ModelLimits(
-        max_members=settings.max_model_archive_members, max_unpacked_bytes=settings.max_model_unpacked_bytes
-    )
+    limits = ModelLimits.from_settings(settings)
     main = {
         "source": model.source,
         "hub_id": model.hub_id,
