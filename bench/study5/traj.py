@@ -71,6 +71,29 @@ def knn_label(unet, scheduler, own: torch.Tensor, forget: torch.Tensor, t: int =
     return c_f >= min_forget
 
 
+class LowRankDelta(torch.nn.Module):
+    """weight = W₀ + B A (reshaped): W₀ frozen, only A and B trained, B starts at zero."""
+
+    def __init__(self, weight: torch.Tensor, rank: int):
+        super().__init__()
+        out, fan_in = weight.shape[0], weight[0].numel()
+        r = min(rank, out, fan_in)
+        self.A = torch.nn.Parameter(torch.randn(r, fan_in) / fan_in**0.5)
+        self.B = torch.nn.Parameter(torch.zeros(out, r))
+
+    def forward(self, w):
+        return w + (self.B @ self.A).view_as(w)
+
+
+def add_lora(unet, rank: int) -> None:
+    from torch.nn.utils import parametrize
+
+    unet.requires_grad_(False)
+    for m in list(unet.modules()):
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.weight.dim() >= 2:
+            parametrize.register_parametrization(m, "weight", LowRankDelta(m.weight.detach(), rank))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="mnist-ddpm")
@@ -90,6 +113,7 @@ def main():
     ap.add_argument("--project", type=int, default=0,
                     help="rank of the anchor-output sketch the push update is projected off (0: none)")
     ap.add_argument("--project-points", type=int, default=256)
+    ap.add_argument("--lora", type=int, default=0, help="train only a rank-r delta of every conv/linear weight")
     ap.add_argument("--refresh", type=int, default=0)
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--sample-steps", type=int, default=25)
@@ -136,7 +160,9 @@ def main():
 
     f_xs, f_eps = xs[:, f_idx], eps0[:, f_idx]
     unet = copy.deepcopy(orig).train()
-    opt = torch.optim.Adam(unet.parameters(), lr=args.lr)
+    if args.lora:
+        add_lora(unet, args.lora)
+    opt = torch.optim.Adam([p for p in unet.parameters() if p.requires_grad], lr=args.lr)
     g = torch.Generator().manual_seed(1)
     params = [p for p in unet.parameters() if p.requires_grad]
     Q = None
