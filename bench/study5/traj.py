@@ -5,8 +5,9 @@ class a noised input came from is not the class the sampler will produce from it
 disagree exactly where the class is decided. Here every training input is a point on one of the
 original model's own DDIM trajectories, labelled by where that trajectory ends:
 
-* trajectories that end forget-like: target = the negative-guidance target at that point
-  (ε_θ₀ − η (ε_F − ε_θ₀), ε_F the forget set's empirical denoiser), or 'x0away' below;
+* trajectories that end forget-like: ``--target neg``, the library's negative-guidance target at that
+  point (ε_θ₀ − η (ε_F − ε_θ₀), ε_F the forget set's empirical denoiser), or ``--target retain``,
+  ε_θ₀ + η (ε_R − ε_θ₀) with ε_R the empirical denoiser of the model's own retained endpoints;
 * the others: target = ε_θ₀ at that point (stored, no extra forward pass).
 
 Optionally the forget trajectories are re-drawn with the current model every ``--refresh`` steps
@@ -136,11 +137,8 @@ def main():
     else:
         xs, eps0, ts, ends = trajectories(orig, sch, z, args.traj_steps)
         torch.save((xs, eps0, ts, ends), cache)
-    if args.label == "oracle":
-        is_f = metrics.classify(clf, ends)[0] == args.digit
-    else:
-        is_f = knn_label(orig, sch, ends, forget)
-    truth = metrics.classify(clf, ends)[0] == args.digit
+    truth = metrics.classify(clf, ends)[0] == args.digit  # scores the labels; is the label only for "oracle"
+    is_f = truth if args.label == "oracle" else knn_label(orig, sch, ends, forget)
     print(f"trajectories {time.time() - t0:.0f}s; forget-labelled {int(is_f.sum())}/{len(is_f)} "
           f"(TP {float(is_f[truth].float().mean()):.2f}, FP {float(is_f[~truth].float().mean()):.3f})", flush=True)
 
@@ -162,9 +160,9 @@ def main():
     unet = copy.deepcopy(orig).train()
     if args.lora:
         add_lora(unet, args.lora)
-    opt = torch.optim.Adam([p for p in unet.parameters() if p.requires_grad], lr=args.lr)
-    g = torch.Generator().manual_seed(1)
     params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=args.lr)
+    g = torch.Generator().manual_seed(1)
     Q = None
     if args.project:
         # span of J^T s_j: J = d(ε_θ on retained trajectory points)/dθ, s_j random output directions,
@@ -186,7 +184,7 @@ def main():
     for step in range(1, args.steps + 1):
         if args.refresh and step > 1 and step % args.refresh == 1 and len(f_idx):
             # on-policy: where the current model now takes the forget seeds
-            nx, _, _, nend = trajectories(unet, sch, z[f_idx], args.traj_steps)
+            nx, _, _, _ = trajectories(unet, sch, z[f_idx], args.traj_steps)
             with torch.no_grad():
                 ne = torch.stack([orig(nx[k], ts[k]).sample for k in range(K)])
             f_xs, f_eps = nx, ne
