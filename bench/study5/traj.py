@@ -62,6 +62,21 @@ def trajectories(unet, scheduler, z: torch.Tensor, steps: int, bs: int = 128):
     return torch.cat(xs, 1), torch.cat(eps_all, 1), ddim.timesteps.clone(), torch.cat(ends)
 
 
+@torch.no_grad()
+def hybrid_ends(orig, new, scheduler, z: torch.Tensor, steps: int, lo: int, hi: int, bs: int = 128):
+    """DDIM endpoints from ``z`` using ``new`` at steps with lo <= t < hi and ``orig`` elsewhere."""
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    out = []
+    for i in range(0, len(z), bs):
+        x = z[i : i + bs].clone()
+        for t in ddim.timesteps:
+            m = new if lo <= int(t) < hi else orig
+            x = ddim.step(m(x, t).sample, t, x, eta=0.0).prev_sample
+        out.append(x.clamp(-1, 1))
+    return torch.cat(out)
+
+
 def knn_label(unet, scheduler, own: torch.Tensor, forget: torch.Tensor, t: int = 200, k: int = 10,
               min_forget: int = 3) -> torch.Tensor:
     """Data-free: an own sample is forget-like if ≥ min_forget of its k nearest (mid-block features at
@@ -103,21 +118,32 @@ def main():
     ap.add_argument("--n-train", type=int, default=1024)
     ap.add_argument("--traj-steps", type=int, default=25)
     ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--load", default="", help="skip training: load /tmp/s5/model-LOAD.pt")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--eta", type=float, default=5.0)
     ap.add_argument("--target", choices=["neg", "retain"], default="neg")
     ap.add_argument("--anchor-weight", type=float, default=1.0)
+    ap.add_argument("--anchor-weight-out", type=float, default=0.0,
+                    help="anchor weight at points outside [tmin, tmax) (default: --anchor-weight)")
+    ap.add_argument("--anchor-weighting", choices=["flat", "x0", "step"], default="flat",
+                    help="per-t anchor weight: flat; x0 = (σ/√ᾱ)² (x0-prediction space); step = the DDIM step's "
+                         "displacement per unit ε error squared, normalised to 1 at t≈500")
     ap.add_argument("--anchor-batch", type=int, default=0, help="anchor points per step (default: --batch)")
     ap.add_argument("--tmin", type=int, default=0, help="push only at trajectory points with t >= tmin")
     ap.add_argument("--tmax", type=int, default=10**6, help="push only at trajectory points with t < tmax")
     ap.add_argument("--project", type=int, default=0,
                     help="rank of the anchor-output sketch the push update is projected off (0: none)")
     ap.add_argument("--project-points", type=int, default=256)
+    ap.add_argument("--mask-frac", type=float, default=0.0,
+                    help="train only this share of weight entries: those with the largest push-gradient² over "
+                         "high-noise (t >= tmax) retained-output sensitivity (0: all)")
     ap.add_argument("--lora", type=int, default=0, help="train only a rank-r delta of every conv/linear weight")
     ap.add_argument("--refresh", type=int, default=0)
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--sample-steps", type=int, default=25)
+    ap.add_argument("--diag", action="store_true",
+                    help="also report training-seed retained-kept and the per-step divergence of the eval paths")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -157,6 +183,17 @@ def main():
         return e0 + args.eta * (er - e0)
 
     f_xs, f_eps = xs[:, f_idx], eps0[:, f_idx]
+    ab = sch.alphas_cumprod
+    if args.anchor_weighting == "x0":
+        tw = (1 - ab[ts]) / ab[ts]
+    elif args.anchor_weighting == "step":
+        ab_next = torch.cat([ab[ts[1:]], torch.ones(1)])
+        c = (1 - ab_next).sqrt() - ab_next.sqrt() * ((1 - ab[ts]) / ab[ts]).sqrt()
+        tw = c**2 / c[(ts - 500).abs().argmin()] ** 2
+    else:
+        tw = torch.ones(len(ts))
+    shown = {int(t): round(float(w), 2) for t, w in zip(ts[::4], tw[::4], strict=True)}
+    print("anchor weight per t:", shown, flush=True)
     unet = copy.deepcopy(orig).train()
     if args.lora:
         add_lora(unet, args.lora)
@@ -181,7 +218,39 @@ def main():
         del cols
         unet.zero_grad(set_to_none=True)
         print(f"projection rank {args.project} built ({time.time() - t0:.0f}s)", flush=True)
-    for step in range(1, args.steps + 1):
+    if args.load:
+        unet.load_state_dict(torch.load(f"/tmp/s5/model-{args.load}.pt"))
+    masks = None
+    if args.mask_frac and not args.load:
+        # diagonal selectivity score: how much an entry serves the push / how much it moves the retained
+        # outputs at high noise (sensitivity-weighted), where nothing is pushed and every change is collateral
+        gp = [torch.zeros_like(p) for p in params]
+        fh = [torch.zeros_like(p) for p in params]
+        hi_k = (ts >= args.tmax).nonzero().flatten()
+        for _ in range(8):
+            fi = torch.randint(0, len(f_idx), (args.batch,), generator=g)
+            fk = push_k[torch.randint(0, len(push_k), (args.batch,), generator=g)]
+            with torch.no_grad():
+                tgt = push_targets(f_xs[fk, fi], ts[fk], f_eps[fk, fi])
+            unet.zero_grad(set_to_none=True)
+            (unet(f_xs[fk, fi], ts[fk]).sample - tgt).pow(2).mean().backward()
+            for a, p in zip(gp, params, strict=True):
+                a += p.grad.pow(2)
+            ri = ret_idx[torch.randint(0, len(ret_idx), (args.batch,), generator=g)]
+            rk = hi_k[torch.randint(0, len(hi_k), (args.batch,), generator=g)]
+            unet.zero_grad(set_to_none=True)
+            out = unet(xs[rk, ri], ts[rk]).sample
+            (out * torch.randn(out.shape, generator=g) * tw[rk].sqrt().view(-1, 1, 1, 1)).sum().backward()
+            for a, p in zip(fh, params, strict=True):
+                a += p.grad.pow(2)
+        unet.zero_grad(set_to_none=True)
+        mean_fh = torch.cat([a.flatten() for a in fh]).mean()
+        score = [a / (b + 0.1 * mean_fh) for a, b in zip(gp, fh, strict=True)]
+        flat = torch.cat([x.flatten() for x in score])
+        thr = flat.kthvalue(int((1 - args.mask_frac) * len(flat))).values
+        masks = [(x > thr).float() for x in score]
+        print(f"mask: {int(sum(m.sum() for m in masks))}/{len(flat)} entries trained", flush=True)
+    for step in range(1, 0 if args.load else args.steps + 1):
         if args.refresh and step > 1 and step % args.refresh == 1 and len(f_idx):
             # on-policy: where the current model now takes the forget seeds
             nx, _, _, _ = trajectories(unet, sch, z[f_idx], args.traj_steps)
@@ -201,8 +270,14 @@ def main():
         xr, tr, tgt_r = xs[rk, ri], ts[rk], eps0[rk, ri]
         opt.zero_grad(set_to_none=True)
         lf = (unet(xf, tf).sample - tgt_f).pow(2).mean()
-        lr_ = (unet(xr, tr).sample - tgt_r).pow(2).mean()
-        (lf + args.anchor_weight * lr_).backward()
+        in_band = ((tr >= args.tmin) & (tr < args.tmax)).float()
+        wa = (args.anchor_weight * in_band + (args.anchor_weight_out or args.anchor_weight) * (1 - in_band)) * tw[rk]
+        per = (unet(xr, tr).sample - tgt_r).pow(2).flatten(1).mean(1)
+        lr_ = per.mean()
+        (lf + (wa * per).mean()).backward()
+        if masks is not None:
+            for p, m in zip(params, masks, strict=True):
+                p.grad.mul_(m)
         if Q is None:
             opt.step()
         else:
@@ -220,6 +295,13 @@ def main():
             print(f"step {step}: push {lf.item():.4f} anchor {lr_.item():.5f} ({time.time() - t0:.0f}s)", flush=True)
     train_s = time.time() - t0
     unet.eval()
+    if args.lora:
+        from torch.nn.utils import parametrize
+        for m in list(unet.modules()):
+            if parametrize.is_parametrized(m, "weight"):
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    if args.tag:
+        torch.save(unet.state_dict(), f"/tmp/s5/model-{args.tag}.pt")
 
     bcache = Path(f"/tmp/s5/before-{args.model}-{args.samples}-{args.sample_steps}.pt")
     if bcache.exists():
@@ -241,6 +323,37 @@ def main():
            "train_s": train_s, "args": vars(args)}
     print(f"RESULT {args.tag} d{args.digit}: PUL {p:.1f} uFID {fa / fb:.2f}x RK {rk:.3f} top {share['value']:.2f} "
           f"moved {row['moved_f']:.1f}/{row['moved_r']:.1f} train {train_s:.0f}s", flush=True)
+    if args.diag:
+        # generalisation or conflict? the anchored training seeds themselves, and where along the path
+        # the eval seeds part from the original's
+        ztr = z[:256]
+        _, _, _, tr_after = trajectories(unet, sch, ztr, args.traj_steps)
+        ptr = metrics.classify(clf, tr_after)[0]
+        ptr0 = metrics.classify(clf, ends[:256])[0]
+        row["train_rk"] = metrics.retained_kept(ptr0, ptr, args.digit)["value"]
+        row["train_pul"] = metrics.pul(ptr0, ptr, args.digit)["value"]
+        ze = initial_noise(args.samples, (1, 28, 28), seed=1234)
+        xo, _, tso, _ = trajectories(orig, sch, ze, args.sample_steps)
+        xn, _, _, _ = trajectories(unet, sch, ze, args.sample_steps)
+        d = (xn - xo).flatten(2).norm(dim=2)  # [K, N]
+        row["div_t"] = [int(t) for t in tso]
+        row["div_f"] = [round(float(v), 3) for v in d[:, wf].mean(1)]
+        row["div_r"] = [round(float(v), 3) for v in d[:, ~wf].mean(1)]
+        print(f"DIAG train seeds: PUL {row['train_pul']:.1f} RK {row['train_rk']:.3f}", flush=True)
+        for k in range(0, len(tso), 2):
+            print(f"  t {int(tso[k]):4d}: F {row['div_f'][k]:.2f} R {row['div_r'][k]:.2f}", flush=True)
+        # which band's change forgets, and which band's change moves the retained seeds
+        row["bands"] = {}
+        for lo, hi in [(700, 10**6), (300, 700), (0, 300)]:
+            hb = hybrid_ends(orig, unet, sch, ze, args.sample_steps, lo, hi)
+            ph = metrics.classify(clf, hb)[0]
+            mv = (hb - before).flatten(1).norm(dim=1)
+            b = {"pul": metrics.pul(pb, ph, args.digit)["value"],
+                 "rk": metrics.retained_kept(pb, ph, args.digit)["value"],
+                 "moved_f": float(mv[wf].mean()), "moved_r": float(mv[~wf].mean())}
+            row["bands"][f"{lo}-{hi}"] = b
+            print(f"  new model only at {lo} <= t < {hi}: PUL {b['pul']:.1f} RK {b['rk']:.3f} "
+                  f"moved {b['moved_f']:.1f}/{b['moved_r']:.1f}", flush=True)
     with open(Path(__file__).parent / "results.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
 
