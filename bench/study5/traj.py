@@ -135,6 +135,9 @@ def main():
     ap.add_argument("--project", type=int, default=0,
                     help="rank of the anchor-output sketch the push update is projected off (0: none)")
     ap.add_argument("--project-points", type=int, default=256)
+    ap.add_argument("--project-high", action="store_true",
+                    help="build the sketch only from retained points at t >= tmax, outputs scaled by the "
+                         "--anchor-weighting factor (the band where nothing is pushed)")
     ap.add_argument("--mask-frac", type=float, default=0.0,
                     help="train only this share of weight entries: those with the largest push-gradient² over "
                          "high-noise (t >= tmax) retained-output sensitivity (0: all)")
@@ -205,12 +208,14 @@ def main():
         # span of J^T s_j: J = d(ε_θ on retained trajectory points)/dθ, s_j random output directions,
         # a randomized estimate of the directions that move the retained outputs most
         pi = ret_idx[torch.randint(0, len(ret_idx), (args.project_points,), generator=g)]
-        pk = torch.randint(0, K, (args.project_points,), generator=g)
+        pool = (ts >= args.tmax).nonzero().flatten() if args.project_high else torch.arange(K)
+        pk = pool[torch.randint(0, len(pool), (args.project_points,), generator=g)]
         xp_, tp_ = xs[pk, pi], ts[pk]
+        scale = tw[pk].sqrt().view(-1, 1, 1, 1) if args.project_high else 1.0
         cols = []
         for _ in range(args.project):
             unet.zero_grad(set_to_none=True)
-            out = unet(xp_, tp_).sample
+            out = unet(xp_, tp_).sample * scale
             sj = torch.randn(out.shape, generator=g)
             (out * sj).sum().backward()
             cols.append(torch.cat([p.grad.flatten() for p in params]))
