@@ -40,8 +40,11 @@ from vdu_core.sampling import initial_noise, sample_images  # noqa: E402
 
 
 @torch.no_grad()
-def trajectories(unet, scheduler, z: torch.Tensor, steps: int, bs: int = 128):
-    """DDIM from ``z``: (xs [K,N,...] inputs at each step, eps [K,N,...] the model's ε there, ts [K], end)."""
+def trajectories(unet, scheduler, z: torch.Tensor, steps: int, bs: int = 128, pick=None):
+    """DDIM from ``z``: (xs [K,N,...] inputs at each step, eps [K,N,...] the model's ε there, ts [K], end).
+
+    ``pick(t)``, if given, returns the model to use at step t (e.g. the unlearned one in one band only).
+    """
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(steps)
     was = unet.training
@@ -51,7 +54,7 @@ def trajectories(unet, scheduler, z: torch.Tensor, steps: int, bs: int = 128):
         x = z[i : i + bs].clone()
         xk, ek = [], []
         for t in ddim.timesteps:
-            e = unet(x, t).sample
+            e = (pick(int(t)) if pick else unet)(x, t).sample
             xk.append(x)
             ek.append(e)
             x = ddim.step(e, t, x, eta=0.0).prev_sample
@@ -62,19 +65,13 @@ def trajectories(unet, scheduler, z: torch.Tensor, steps: int, bs: int = 128):
     return torch.cat(xs, 1), torch.cat(eps_all, 1), ddim.timesteps.clone(), torch.cat(ends)
 
 
-@torch.no_grad()
-def hybrid_ends(orig, new, scheduler, z: torch.Tensor, steps: int, lo: int, hi: int, bs: int = 128):
-    """DDIM endpoints from ``z`` using ``new`` at steps with lo <= t < hi and ``orig`` elsewhere."""
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(steps)
-    out = []
-    for i in range(0, len(z), bs):
-        x = z[i : i + bs].clone()
-        for t in ddim.timesteps:
-            m = new if lo <= int(t) < hi else orig
-            x = ddim.step(m(x, t).sample, t, x, eta=0.0).prev_sample
-        out.append(x.clamp(-1, 1))
-    return torch.cat(out)
+def paired_scores(clf, digit: int, before: torch.Tensor, pb: torch.Tensor, after: torch.Tensor) -> dict:
+    """PUL, retained-kept and mean distance moved (forget-class seeds / the others) of paired samples."""
+    pa = metrics.classify(clf, after)[0]
+    moved = (after - before).flatten(1).norm(dim=1)
+    wf = pb == digit
+    return {"pul": metrics.pul(pb, pa, digit)["value"], "rk": metrics.retained_kept(pb, pa, digit)["value"],
+            "moved_f": float(moved[wf].mean()), "moved_r": float(moved[~wf].mean()), "pred": pa}
 
 
 def knn_label(unet, scheduler, own: torch.Tensor, forget: torch.Tensor, t: int = 200, k: int = 10,
@@ -315,16 +312,15 @@ def main():
         before = sample_images(orig, sch, args.samples, seed=1234, steps=args.sample_steps)
         torch.save(before, bcache)
     after = sample_images(unet, sch, args.samples, seed=1234, steps=args.sample_steps)
-    pb, pa = metrics.classify(clf, before)[0], metrics.classify(clf, after)[0]
+    pb = metrics.classify(clf, before)[0]
+    sc = paired_scores(clf, args.digit, before, pb, after)
     real = metrics.feature_stats(metrics.extract_features(clf, images[labels != args.digit]))
     fb, fa = metrics.u_fid(before, real, clf)["value"], metrics.u_fid(after, real, clf)["value"]
-    p = metrics.pul(pb, pa, args.digit)["value"]
-    rk = metrics.retained_kept(pb, pa, args.digit)["value"]
-    share = metrics.largest_class_share(pa, num_classes=10)
-    moved = (after - before).flatten(1).norm(dim=1)
+    p, rk = sc["pul"], sc["rk"]
+    share = metrics.largest_class_share(sc["pred"], num_classes=10)
     wf = pb == args.digit
     row = {"tag": args.tag, "digit": args.digit, "pul": p, "u_fid_ratio": fa / fb, "rk": rk,
-           "top": share["value"], "moved_f": float(moved[wf].mean()), "moved_r": float(moved[~wf].mean()),
+           "top": share["value"], "moved_f": sc["moved_f"], "moved_r": sc["moved_r"],
            "train_s": train_s, "args": vars(args)}
     print(f"RESULT {args.tag} d{args.digit}: PUL {p:.1f} uFID {fa / fb:.2f}x RK {rk:.3f} top {share['value']:.2f} "
           f"moved {row['moved_f']:.1f}/{row['moved_r']:.1f} train {train_s:.0f}s", flush=True)
@@ -333,10 +329,8 @@ def main():
         # the eval seeds part from the original's
         ztr = z[:256]
         _, _, _, tr_after = trajectories(unet, sch, ztr, args.traj_steps)
-        ptr = metrics.classify(clf, tr_after)[0]
-        ptr0 = metrics.classify(clf, ends[:256])[0]
-        row["train_rk"] = metrics.retained_kept(ptr0, ptr, args.digit)["value"]
-        row["train_pul"] = metrics.pul(ptr0, ptr, args.digit)["value"]
+        tr = paired_scores(clf, args.digit, ends[:256], metrics.classify(clf, ends[:256])[0], tr_after)
+        row["train_rk"], row["train_pul"] = tr["rk"], tr["pul"]
         ze = initial_noise(args.samples, (1, 28, 28), seed=1234)
         xo, _, tso, _ = trajectories(orig, sch, ze, args.sample_steps)
         xn, _, _, _ = trajectories(unet, sch, ze, args.sample_steps)
@@ -350,12 +344,10 @@ def main():
         # which band's change forgets, and which band's change moves the retained seeds
         row["bands"] = {}
         for lo, hi in [(700, 10**6), (300, 700), (0, 300)]:
-            hb = hybrid_ends(orig, unet, sch, ze, args.sample_steps, lo, hi)
-            ph = metrics.classify(clf, hb)[0]
-            mv = (hb - before).flatten(1).norm(dim=1)
-            b = {"pul": metrics.pul(pb, ph, args.digit)["value"],
-                 "rk": metrics.retained_kept(pb, ph, args.digit)["value"],
-                 "moved_f": float(mv[wf].mean()), "moved_r": float(mv[~wf].mean())}
+            hb = trajectories(orig, sch, ze, args.sample_steps,
+                              pick=lambda t, lo=lo, hi=hi: unet if lo <= t < hi else orig)[3]
+            b = paired_scores(clf, args.digit, before, pb, hb)
+            del b["pred"]
             row["bands"][f"{lo}-{hi}"] = b
             print(f"  new model only at {lo} <= t < {hi}: PUL {b['pul']:.1f} RK {b['rk']:.3f} "
                   f"moved {b['moved_f']:.1f}/{b['moved_r']:.1f}", flush=True)
