@@ -172,6 +172,13 @@ class UnlearnConfig(_Validated):
             "median nearest-neighbour squared distance (per pixel); 0: the exact empirical kernels",
     )
     anchor_weight: float = _spec(1.0, ge=0.0, le=1e6, doc="λ of the function-space term (0: off)")
+    laplace_weight: float = _spec(
+        0.0, ge=0.0, le=1e9,
+        doc="weight of the Kronecker-factored Laplace stability term (vdu only; 0: off): the Gauss-Newton of the "
+            "original's outputs on its own noised samples, weighted by the sampler's per-step sensitivity "
+            "(vdu_core.laplace)",
+    )
+    laplace_points: int = _spec(1024, ge=16, le=100000, doc="noised own samples the Laplace factors are measured on")
     anchor_samples: int = _spec(512, ge=0, le=100000, doc="own samples of the original model used as anchors")
     anchor_exclude_fraction: float = _spec(
         0.0, ge=0.0, lt=1.0, doc="share of anchors nearest the forget set left out"
@@ -210,6 +217,9 @@ class UnlearnConfig(_Validated):
             if self.anchor_weight != 0.0:
                 raise ConfigError(f"anchor_weight is a term of method 'vdu' only, not {self.method!r}",
                                   field=f"{prefix}.anchor_weight")
+            if self.laplace_weight != 0.0:
+                raise ConfigError(f"laplace_weight is a term of method 'vdu' only, not {self.method!r}",
+                                  field=f"{prefix}.laplace_weight")
             if self.plasticity_bound is not None:
                 raise ConfigError(f"plasticity_bound is a term of method 'vdu' only, not {self.method!r}",
                                   field=f"{prefix}.plasticity_bound")

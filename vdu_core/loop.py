@@ -165,8 +165,17 @@ def unlearn(
     ctx.forget_images = forget
     if method.needs_original:
         _ = ctx.original  # freeze a copy before the first update
+    ctx.laplace = None
+    if config.method == "vdu" and config.laplace_weight > 0:
+        from vdu_core.anchors import cancel_check
+        from vdu_core.laplace import from_own_samples
+
+        ctx.laplace = from_own_samples(unet, scheduler, ctx.anchors, config.laplace_points, config.seed,
+                                       forget=forget,
+                                       should_cancel=cancel_check(should_cancel, "measuring the Laplace factors"))
     names, params = trainable(unet)
     regularizer = stability_regularizer(method, config, params, posterior)
+    uncovered = ctx.laplace.uncovered(params) if ctx.laplace is not None else []
     opt = torch.optim.Adam(params, lr=config.lr)
     probe_src = forget if probe_images is None else probe_images.to(device)
     probe = Probe(probe_src, scheduler, ctx.t_min, ctx.t_max, config.seed)
@@ -195,6 +204,8 @@ def unlearn(
             terms = method.compute(ctx, batch)
         terms.loss.backward()
         losses = add_stability(regularizer, terms)
+        for p in uncovered:  # what the Laplace term does not see does not move
+            p.grad = None
         if config.grad_clip is not None:
             losses["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         opt.step()

@@ -1,0 +1,110 @@
+"""The Kronecker-factored Laplace stability term (vdu_core.laplace)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_unet
+from vdu_core import loop, posterior
+from vdu_core.config import UnlearnConfig
+from vdu_core.errors import ConfigError
+from vdu_core.laplace import KroneckerLaplace, from_own_samples, sampler_step_weights
+
+
+def _points(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, 1, 8, 8), generator=g), torch.randint(0, 100, (n,), generator=g)
+
+
+def _perturb_one(unet, layer, scale, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = layer.weight
+        w.add_(torch.randn(w.shape, generator=g) * scale * w.std())
+
+
+def test_the_penalty_is_the_measured_output_change_for_one_layer():
+    """For a small change of one layer the Gauss-Newton quadratic is the (weighted) mean squared output
+    change, up to the Kronecker factorisation: the same order, for layers early, in the middle and late."""
+    unet = make_tiny_unet(attention=True).eval()
+    x, t = _points()
+    w = torch.rand(len(x), generator=torch.Generator().manual_seed(2)) + 0.5
+    lap = KroneckerLaplace(unet, x, t, w)
+    assert float(lap.penalty().detach()) == 0.0
+    state = copy.deepcopy(unet.state_dict())
+    with torch.no_grad():
+        before = unet(x, t).sample
+    ratios = []
+    for layer in (lap.mods[1], lap.mods[len(lap.mods) // 2], lap.mods[-2]):
+        _perturb_one(unet, layer, 1e-3)
+        with torch.no_grad():
+            true = ((unet(x, t).sample - before).pow(2).flatten(1).mean(1) * w).mean()
+        ratios.append(float(lap.penalty().detach()) / float(true))
+        unet.load_state_dict(state)
+    assert all(0.3 < r < 3.0 for r in ratios), ratios
+
+
+def test_sampler_step_weights_are_largest_at_high_noise(tiny_scheduler):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    w = sampler_step_weights(sched, torch.tensor([960, 800, 500, 200, 0]))
+    assert w[0] > 50 and w[1] > w[2] and abs(float(w[2]) - 1.0) < 1e-6 and w[4] < w[2]
+    assert torch.all(torch.isfinite(sampler_step_weights(tiny_scheduler, torch.arange(0, 100))))
+
+
+def test_laplace_term_holds_the_model_and_leaves_norms_alone(tiny_scheduler):
+    forget = torch.rand((6, 1, 8, 8), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    anchors = torch.rand((16, 1, 8, 8), generator=torch.Generator().manual_seed(4)) * 2 - 1
+    drift = {}
+    for weight in (0.0, 1e6):
+        unet = make_tiny_unet()
+        orig = copy.deepcopy(unet)
+        cfg = UnlearnConfig.from_dict({"steps": 8, "batch_size": 4, "posterior": "isotropic", "lr": 1e-3,
+                                       "laplace_weight": weight, "laplace_points": 32, "anchor_weight": 0.0,
+                                       "guidance_weighting": "uniform"})
+        post = posterior.estimate(unet, tiny_scheduler, cfg)
+        events = []
+        loop.unlearn(unet, tiny_scheduler, forget, cfg, post, anchors=anchors, on_progress=events.append)
+        x, t = _points(32, seed=5)
+        with torch.no_grad():
+            drift[weight] = float((unet(x, t).sample - orig(x, t).sample).pow(2).mean())
+        if weight:
+            assert "laplace" in events[-1].losses
+            norms = [n for n, _ in unet.named_parameters() if "norm" in n]
+            assert norms
+            for n in norms:
+                assert torch.equal(unet.get_parameter(n), orig.get_parameter(n)), n
+    assert drift[1e6] < 0.1 * drift[0.0]
+
+
+def test_laplace_weight_is_a_vdu_term_only():
+    with pytest.raises(ConfigError) as e:
+        UnlearnConfig.from_dict({"method": "vdu_paper", "laplace_weight": 10.0})
+    assert e.value.field == "params.laplace_weight"
+    with pytest.raises(ConfigError):
+        UnlearnConfig.from_dict({"laplace_weight": -1.0})
+
+
+def test_from_own_samples_needs_samples(tiny_unet, tiny_scheduler):
+    with pytest.raises(ValueError):
+        from_own_samples(tiny_unet, tiny_scheduler, torch.empty(0, 1, 8, 8), 16, 0)
+    forget = torch.rand((12, 1, 8, 8), generator=torch.Generator().manual_seed(8)) * 2 - 1
+    with pytest.raises(ValueError, match="forget set"):  # every own sample is a forget image
+        from_own_samples(tiny_unet, tiny_scheduler, forget.clone(), 16, 0, forget=forget)
+
+
+def test_forget_like_vote_finds_own_samples_that_look_like_the_forget_set(tiny_unet, tiny_scheduler):
+    from vdu_core.methods import forget_like_vote
+
+    g = torch.Generator().manual_seed(6)
+    forget = (torch.rand((12, 1, 8, 8), generator=g) * 0.2 + 0.8).clamp(-1, 1)  # bright
+    like = (forget[:6] + 0.05 * torch.randn((6, 1, 8, 8), generator=g)).clamp(-1, 1)
+    other = (torch.rand((20, 1, 8, 8), generator=g) * 0.2 - 1.0)  # dark
+    labels = forget_like_vote(tiny_unet.eval(), tiny_scheduler, torch.cat([like, other]), forget)
+    assert labels.dtype == torch.bool and labels.shape == (26,)
+    assert labels[:6].all() and not labels[6:].any()
+    assert not forget_like_vote(tiny_unet, tiny_scheduler, other, forget[:0]).any()
