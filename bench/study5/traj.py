@@ -30,23 +30,25 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from bench_posterior import mid_features  # noqa: E402
 from diffusers import DDIMScheduler, DDPMPipeline  # noqa: E402
 
 from vdu_core import metrics  # noqa: E402
-from vdu_core.methods import empirical_forget_eps  # noqa: E402
+from vdu_core.laplace import KroneckerLaplace  # noqa: E402
+from vdu_core.methods import empirical_forget_eps, forget_like_vote  # noqa: E402
 from vdu_core.reference import REFERENCE_DIR, load_mnist_5k  # noqa: E402
 from vdu_core.sampling import initial_noise, sample_images  # noqa: E402
 
 
 @torch.no_grad()
-def trajectories(unet, scheduler, z: torch.Tensor, steps: int, bs: int = 128, pick=None):
+def trajectories(unet, scheduler, z: torch.Tensor, steps: int, bs: int = 128, pick=None, start: int = 0):
     """DDIM from ``z``: (xs [K,N,...] inputs at each step, eps [K,N,...] the model's ε there, ts [K], end).
 
     ``pick(t)``, if given, returns the model to use at step t (e.g. the unlearned one in one band only).
+    ``start``: ``z`` is the state at DDIM step ``start`` (not pure noise); only the remaining steps run.
     """
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(steps)
+    ddim.timesteps = ddim.timesteps[start:]
     was = unet.training
     unet.eval()
     xs, eps_all, ends = [], [], []
@@ -65,6 +67,25 @@ def trajectories(unet, scheduler, z: torch.Tensor, steps: int, bs: int = 128, pi
     return torch.cat(xs, 1), torch.cat(eps_all, 1), ddim.timesteps.clone(), torch.cat(ends)
 
 
+def flow_sensitivity(unet, scheduler, xs: torch.Tensor, ends: torch.Tensor, steps: int, ks, delta: float = 0.5,
+                     seed: int = 9) -> torch.Tensor:
+    """S [K+1, N]: how far the endpoint of each trajectory moves per unit of a random perturbation of its
+    state entering DDIM step k (‖Φ_k(x_k + δu) − Φ_k(x_k)‖ / δ, ‖u‖ = 1), measured at the steps ``ks`` and
+    carried back to the steps before them; S[K] = 1 (the endpoint itself)."""
+    K, N = xs.shape[0], xs.shape[1]
+    S = torch.ones(K + 1, N)
+    g = torch.Generator().manual_seed(seed)
+    done = K
+    for k in sorted(ks, reverse=True):
+        u = torch.randn(xs[k].shape, generator=g)
+        u = u / u.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        pe = trajectories(unet, scheduler, xs[k] + delta * u, steps, start=k)[3]
+        S[k:done] = ((pe - ends).flatten(1).norm(dim=1) / delta).unsqueeze(0)
+        done = k
+    S[:done] = S[done]
+    return S
+
+
 def paired_scores(clf, digit: int, before: torch.Tensor, pb: torch.Tensor, after: torch.Tensor) -> dict:
     """PUL, retained-kept and mean distance moved (forget-class seeds / the others) of paired samples."""
     pa = metrics.classify(clf, after)[0]
@@ -72,16 +93,6 @@ def paired_scores(clf, digit: int, before: torch.Tensor, pb: torch.Tensor, after
     wf = pb == digit
     return {"pul": metrics.pul(pb, pa, digit)["value"], "rk": metrics.retained_kept(pb, pa, digit)["value"],
             "moved_f": float(moved[wf].mean()), "moved_r": float(moved[~wf].mean()), "pred": pa}
-
-
-def knn_label(unet, scheduler, own: torch.Tensor, forget: torch.Tensor, t: int = 200, k: int = 10,
-              min_forget: int = 3) -> torch.Tensor:
-    """Data-free: an own sample is forget-like if ≥ min_forget of its k nearest (mid-block features at
-    t, among the forget images and the other own samples) are forget images."""
-    ff, fo = mid_features(unet, scheduler, forget, t, 0), mid_features(unet, scheduler, own, t, 1)
-    d = torch.cat([torch.cdist(fo, ff), torch.cdist(fo, fo).fill_diagonal_(float("inf"))], 1)
-    c_f = (d.topk(k, largest=False).indices < len(ff)).sum(1)
-    return c_f >= min_forget
 
 
 class LowRankDelta(torch.nn.Module):
@@ -123,7 +134,7 @@ def main():
     ap.add_argument("--anchor-weight", type=float, default=1.0)
     ap.add_argument("--anchor-weight-out", type=float, default=0.0,
                     help="anchor weight at points outside [tmin, tmax) (default: --anchor-weight)")
-    ap.add_argument("--anchor-weighting", choices=["flat", "x0", "step"], default="flat",
+    ap.add_argument("--anchor-weighting", choices=["flat", "x0", "step", "endpoint"], default="flat",
                     help="per-t anchor weight: flat; x0 = (σ/√ᾱ)² (x0-prediction space); step = the DDIM step's "
                          "displacement per unit ε error squared, normalised to 1 at t≈500")
     ap.add_argument("--anchor-batch", type=int, default=0, help="anchor points per step (default: --batch)")
@@ -144,6 +155,17 @@ def main():
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("--diag", action="store_true",
                     help="also report training-seed retained-kept and the per-step divergence of the eval paths")
+    ap.add_argument("--kfac", type=float, default=0.0,
+                    help="weight of the Kronecker-factored Gauss-Newton stability term (session 7)")
+    ap.add_argument("--kfac-points", type=int, default=1024,
+                    help="preservation points: retained trajectory points at every t (weight: --anchor-weighting)")
+    ap.add_argument("--kfac-high", type=int, default=0,
+                    help="extra preservation points at t >= tmax on every trajectory, forget ones included")
+    ap.add_argument("--rollout", type=float, default=0.0,
+                    help="weight of an endpoint loss: roll --rollout-batch retained training seeds through the "
+                         "whole DDIM-(--rollout-steps) sampler with gradients, match the original's endpoints")
+    ap.add_argument("--rollout-batch", type=int, default=8)
+    ap.add_argument("--rollout-steps", type=int, default=10)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -164,7 +186,7 @@ def main():
         xs, eps0, ts, ends = trajectories(orig, sch, z, args.traj_steps)
         torch.save((xs, eps0, ts, ends), cache)
     truth = metrics.classify(clf, ends)[0] == args.digit  # scores the labels; is the label only for "oracle"
-    is_f = truth if args.label == "oracle" else knn_label(orig, sch, ends, forget)
+    is_f = truth if args.label == "oracle" else forget_like_vote(orig, sch, ends, forget)
     print(f"trajectories {time.time() - t0:.0f}s; forget-labelled {int(is_f.sum())}/{len(is_f)} "
           f"(TP {float(is_f[truth].float().mean()):.2f}, FP {float(is_f[~truth].float().mean()):.3f})", flush=True)
 
@@ -186,17 +208,62 @@ def main():
     ab = sch.alphas_cumprod
     if args.anchor_weighting == "x0":
         tw = (1 - ab[ts]) / ab[ts]
-    elif args.anchor_weighting == "step":
+    else:
+        tw = torch.ones(len(ts))
+    anchor_p = None
+    if args.anchor_weighting in ("step", "endpoint"):
         ab_next = torch.cat([ab[ts[1:]], torch.ones(1)])
         c = (1 - ab_next).sqrt() - ab_next.sqrt() * ((1 - ab[ts]) / ab[ts]).sqrt()
         tw = c**2 / c[(ts - 500).abs().argmin()] ** 2
-    else:
-        tw = torch.ones(len(ts))
+    if args.anchor_weighting == "endpoint":
+        # session 7: an ε error at step k moves the next state by c_k Δε, and the endpoint by S[k+1] times
+        # that; anchors drawn ∝ c_k² S[k+1]² (importance sampling), each weighted by the mean weight
+        scache = Path(f"/tmp/s5/sens-{args.model}-{args.n_train}-{args.traj_steps}.pt")
+        if scache.exists():
+            S = torch.load(scache)
+        else:
+            S = flow_sensitivity(orig, sch, xs, ends, args.traj_steps, ks=range(1, K, 3))
+            torch.save(S, scache)
+        W = tw.view(-1, 1) * S[1:, ret_idx] ** 2 / S[1:, ret_idx].pow(2).mean()  # [K, R], mean over t as step
+        print("endpoint sensitivity S per t (median / p90):",
+              {int(ts[k]): (round(float(S[k + 1, ret_idx].median()), 2),
+                            round(float(S[k + 1, ret_idx].quantile(0.9)), 2)) for k in range(0, K, 4)}, flush=True)
+        anchor_p = W.flatten() / W.sum()
+        tw_mean = float(W.mean())
     shown = {int(t): round(float(w), 2) for t, w in zip(ts[::4], tw[::4], strict=True)}
     print("anchor weight per t:", shown, flush=True)
     unet = copy.deepcopy(orig).train()
     if args.lora:
         add_lora(unet, args.lora)
+    kf = None
+    if args.kfac and not args.load:
+        pi = ret_idx[torch.randint(0, len(ret_idx), (args.kfac_points,), generator=torch.Generator().manual_seed(5))]
+        pk = torch.randint(0, K, (args.kfac_points,), generator=torch.Generator().manual_seed(6))
+        if args.kfac_high:
+            hi_k = (ts >= args.tmax).nonzero().flatten()
+            gh = torch.Generator().manual_seed(7)
+            pi = torch.cat([pi, torch.randint(0, len(is_f), (args.kfac_high,), generator=gh)])
+            pk = torch.cat([pk, hi_k[torch.randint(0, len(hi_k), (args.kfac_high,), generator=gh)]])
+        kf = KroneckerLaplace(unet, xs[pk, pi], ts[pk], tw[pk], seed=3)
+        for p in kf.uncovered(list(unet.parameters())):
+            p.requires_grad_(False)
+        print(f"K-FAC factors on {len(pk)} points ({time.time() - t0:.0f}s)", flush=True)
+    if args.rollout:
+        ro = DDIMScheduler.from_config(sch.config)
+        ro.set_timesteps(args.rollout_steps)
+        ro_cache = Path(f"/tmp/s5/ends-{args.model}-{args.n_train}-{args.rollout_steps}.pt")
+        if ro_cache.exists():
+            ro_ends = torch.load(ro_cache)
+        else:
+            ro_ends = trajectories(orig, sch, z, args.rollout_steps)[3]
+            torch.save(ro_ends, ro_cache)
+
+        def rollout_loss():
+            ri = ret_idx[torch.randint(0, len(ret_idx), (args.rollout_batch,), generator=g)]
+            x = z[ri]
+            for t in ro.timesteps:
+                x = ro.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+            return (x.clamp(-1, 1) - ro_ends[ri]).pow(2).mean()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=args.lr)
     g = torch.Generator().manual_seed(1)
@@ -267,16 +334,32 @@ def main():
         with torch.no_grad():
             tgt_f = push_targets(xf, tf, f_eps[fk, fi])
         nb = args.anchor_batch or args.batch
-        ri = ret_idx[torch.randint(0, len(ret_idx), (nb,), generator=g)]
-        rk = torch.randint(0, K, (nb,), generator=g)
+        if anchor_p is None:
+            ri = ret_idx[torch.randint(0, len(ret_idx), (nb,), generator=g)]
+            rk = torch.randint(0, K, (nb,), generator=g)
+            tw_r = tw[rk]
+        else:
+            j = torch.multinomial(anchor_p, nb, replacement=True, generator=g)
+            rk, ri = j // len(ret_idx), ret_idx[j % len(ret_idx)]
+            tw_r = torch.full((nb,), tw_mean)
         xr, tr, tgt_r = xs[rk, ri], ts[rk], eps0[rk, ri]
         opt.zero_grad(set_to_none=True)
         lf = (unet(xf, tf).sample - tgt_f).pow(2).mean()
         in_band = ((tr >= args.tmin) & (tr < args.tmax)).float()
-        wa = (args.anchor_weight * in_band + (args.anchor_weight_out or args.anchor_weight) * (1 - in_band)) * tw[rk]
-        per = (unet(xr, tr).sample - tgt_r).pow(2).flatten(1).mean(1)
+        wa = (args.anchor_weight * in_band + (args.anchor_weight_out or args.anchor_weight) * (1 - in_band)) * tw_r
+        if args.anchor_weight or args.anchor_weight_out:
+            per = (unet(xr, tr).sample - tgt_r).pow(2).flatten(1).mean(1)
+        else:
+            per = torch.zeros(nb)
         lr_ = per.mean()
-        (lf + (wa * per).mean()).backward()
+        loss = lf + (wa * per).mean()
+        if kf is not None:
+            pen = kf.penalty()
+            loss = loss + args.kfac * pen
+        if args.rollout:
+            lro = rollout_loss()
+            loss = loss + args.rollout * lro
+        loss.backward()
         if masks is not None:
             for p, m in zip(params, masks, strict=True):
                 p.grad.mul_(m)
@@ -294,9 +377,20 @@ def main():
                     p.copy_(new[i0 : i0 + p.numel()].view_as(p))
                     i0 += p.numel()
         if step % 100 == 0:
-            print(f"step {step}: push {lf.item():.4f} anchor {lr_.item():.5f} ({time.time() - t0:.0f}s)", flush=True)
+            kfs = f" kfac {pen.item():.5f}" if kf is not None else ""
+            kfs += f" endpoint {lro.item():.5f}" if args.rollout else ""
+            print(f"step {step}: push {lf.item():.4f} anchor {lr_.item():.5f}{kfs} ({time.time() - t0:.0f}s)",
+                  flush=True)
     train_s = time.time() - t0
     unet.eval()
+    if kf is not None:
+        # is the quadratic model right? the true sensitivity-weighted ε change on fresh retained points
+        gv = torch.Generator().manual_seed(11)
+        vi = ret_idx[torch.randint(0, len(ret_idx), (512,), generator=gv)]
+        vk = torch.randint(0, K, (512,), generator=gv)
+        with torch.no_grad():
+            true = ((unet(xs[vk, vi], ts[vk]).sample - eps0[vk, vi]).pow(2).flatten(1).mean(1) * tw[vk]).mean()
+            print(f"K-FAC check: penalty {kf.penalty().item():.5f} vs measured {true.item():.5f}", flush=True)
     if args.lora:
         from torch.nn.utils import parametrize
         for m in list(unet.modules()):
