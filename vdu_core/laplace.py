@@ -17,9 +17,9 @@ Both are measured once on the original model at preservation points x_t with wei
     Σ_l tr(G_l ΔW_l A_l ΔW_lᵀ) / (output elements)  ≈  E_p[w_p · mean (ε_θ(x_p) − ε_θ₀(x_p))²]
 
 for the whole distribution the points stand for: a function-space stability term with no sampling
-noise during training and one small matrix product per layer per step. Only convolution and linear
-weights (and biases) are covered; the loop does not train the rest (normalisation affines,
-``KroneckerLaplace.uncovered``), so nothing moves unregularised.
+noise during training and one small matrix product per layer per step. Only linear and (ungrouped)
+convolution weights and biases are covered; the loop does not train the rest (normalisation affines,
+grouped convolutions: ``KroneckerLaplace.uncovered``), so nothing moves unregularised.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import torch.nn.functional as F
 
 
 def _covered(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    """Linear layers and ungrouped 2-D convolutions (a grouped one's patches do not factor this way)."""
+    return [m for m in unet.modules()
+            if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)]
 
 
 def _flat(m: torch.nn.Module) -> torch.Tensor:
@@ -122,9 +124,10 @@ class KroneckerLaplace:
 
     def penalty(self) -> torch.Tensor:
         total = 0.0
-        for m, w0, A, G in zip(self.mods, self.theta0, self.A, self.G, strict=True):
-            d = _flat(m).float() - w0
-            total = total + ((G @ d) * (d @ A)).sum()
+        with torch.autocast(self.theta0[0].device.type, enabled=False):  # small differences: keep float32
+            for m, w0, A, G in zip(self.mods, self.theta0, self.A, self.G, strict=True):
+                d = _flat(m).float() - w0
+                total = total + ((G @ d) * (d @ A)).sum()
         return total / self.out_numel
 
     def uncovered(self, params) -> list[torch.nn.Parameter]:
