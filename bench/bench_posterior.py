@@ -26,11 +26,10 @@ from vdu_core import metrics  # noqa: E402
 from vdu_core.anchors import nearest_forget_distance  # noqa: E402
 from vdu_core.methods import (  # noqa: E402
     FEATURE_K,
-    flat_features,
     kernel_log_density,
     kernel_scale,
     knn_forget_ratio,
-    mid_block_output,
+    noised_mid_features,
 )
 from vdu_core.reference import REFERENCE_DIR, load_mnist_5k  # noqa: E402
 from vdu_core.sampling import sample_images  # noqa: E402
@@ -91,15 +90,7 @@ def main(argv=None) -> None:
 @torch.no_grad()
 def mid_features(unet, scheduler, x: torch.Tensor, t: int, seed: int) -> torch.Tensor:
     """The UNet's mid-block features (as the 'features' posterior uses them) on ``x`` noised to ``t``."""
-    g = torch.Generator().manual_seed(seed)
-    tt = torch.full((len(x),), t)
-    x_t = scheduler.add_noise(x, torch.randn(x.shape, generator=g), tt)
-    chunks = []
-    for i in range(0, len(x), 128):
-        with mid_block_output(unet) as mid:
-            unet(x_t[i : i + 128], tt[i : i + 128])
-        chunks.append(flat_features(mid["out"]))
-    return torch.cat(chunks)
+    return noised_mid_features(unet, scheduler, x, t, torch.Generator().manual_seed(seed))
 
 
 def feature_knn_rows(pipe, forget_by_digit, build, test, test_labels, timesteps, prior: float):

@@ -89,6 +89,7 @@ class Context:
         self.device = device
         self.generator = generator
         self.anchors = anchors
+        self.laplace = None  # a vdu_core.laplace.KroneckerLaplace when laplace_weight > 0
         self._original = None
         self.t_min = config.t_min
         self.t_max = config.t_max or scheduler.config.num_train_timesteps
@@ -165,7 +166,6 @@ def unlearn(
     ctx.forget_images = forget
     if method.needs_original:
         _ = ctx.original  # freeze a copy before the first update
-    ctx.laplace = None
     if config.method == "vdu" and config.laplace_weight > 0:
         from vdu_core.anchors import cancel_check
         from vdu_core.laplace import from_own_samples
