@@ -93,8 +93,8 @@ def test_from_own_samples_needs_samples(tiny_unet, tiny_scheduler):
     with pytest.raises(ValueError):
         from_own_samples(tiny_unet, tiny_scheduler, torch.empty(0, 1, 8, 8), 16, 0)
     forget = torch.rand((12, 1, 8, 8), generator=torch.Generator().manual_seed(8)) * 2 - 1
-    with pytest.raises(ValueError, match="forget set"):  # every own sample is a forget image
-        from_own_samples(tiny_unet, tiny_scheduler, forget.clone(), 16, 0, forget=forget)
+    with pytest.raises(ValueError, match="forget set"):  # every own sample is in the forget set, many times
+        from_own_samples(tiny_unet, tiny_scheduler, forget.clone(), 16, 0, forget=forget.repeat(20, 1, 1, 1))
 
 
 def test_forget_like_vote_finds_own_samples_that_look_like_the_forget_set(tiny_unet, tiny_scheduler):

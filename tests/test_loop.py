@@ -90,9 +90,10 @@ def test_vdu_ascent_variant_uses_the_bound_and_anchors(tiny_unet, tiny_scheduler
         loop.unlearn(tiny_unet, tiny_scheduler, _forget(), cfg, post, anchors=None)
 
 
-def test_default_vdu_redirects_with_negative_guidance(tiny_unet, tiny_scheduler):
-    cfg = UnlearnConfig.from_dict({"steps": 3, "batch_size": 2, "posterior": "isotropic", "probe_every": 1})
-    assert cfg.plasticity_target == "negative_guidance"
+def test_negative_guidance_redirects(tiny_unet, tiny_scheduler):
+    cfg = UnlearnConfig.from_dict({"steps": 3, "batch_size": 2, "posterior": "isotropic", "probe_every": 1,
+                                   "plasticity_target": "negative_guidance"})
+    assert cfg.gamma == 0.5 and cfg.laplace_weight == 0.0  # the forget-image targets' own defaults
     post = posterior.estimate(tiny_unet, tiny_scheduler, cfg)
     events = []
     loop.unlearn(tiny_unet, tiny_scheduler, _forget(), cfg, post, anchors=torch.rand(5, 1, 8, 8) * 2 - 1,
@@ -248,7 +249,8 @@ def test_feature_posterior_on_a_model_without_mid_block_is_refused_before_any_wo
                        norm_num_groups=4, mid_block_type=None)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     phases = []
-    cfg = UnlearnConfig.from_dict({"posterior_space": "features", "steps": 2, "anchor_samples": 8})
+    cfg = UnlearnConfig.from_dict({"posterior_space": "features", "steps": 2, "anchor_samples": 8,
+                                   "plasticity_target": "negative_guidance"})
     with pytest.raises(ConfigError) as err:
         unlearn_model(unet, tiny_scheduler, torch.rand(4, 1, 8, 8) * 2 - 1, cfg,
                       on_progress=lambda p: phases.append(p.phase))

@@ -1,6 +1,6 @@
 """``vdu-core``: run VDU and evaluate it on a laptop, no service needed.
 
-    vdu-core unlearn --model DIR --forget ARCHIVE --out DIR [--method vdu --gamma 0.5 --steps 400]
+    vdu-core unlearn --model DIR --forget ARCHIVE --out DIR [--method vdu --steps 400 --param guidance_scale=3]
     vdu-core evaluate --original DIR --unlearned DIR --forget-class K [--forget ARCHIVE] [--json]
 """
 

@@ -53,6 +53,9 @@ class _Validated:
             if method in defaults:
                 for name, value in defaults[method].items():
                     data.setdefault(name, value)
+        # then the chosen target's own defaults for what is still left out (the method's win)
+        for name, value in getattr(cls, "target_defaults", {}).get(data.get("plasticity_target"), {}).items():
+            data.setdefault(name, value)
         for name, value in data.items():
             kwargs[name] = _coerce(value, hints[name], known[name], f"{prefix}.{name}")
         obj = cls(**kwargs)
@@ -132,10 +135,14 @@ class UnlearnConfig(_Validated):
     """
 
     method: Literal["vdu", "vdu_paper", "gradient_ascent"] = "vdu"
-    gamma: float = _spec(0.5, ge=0.0, le=1.0, doc="weight of the stability regularizer")
+    gamma: float = _spec(
+        0.0, ge=0.0, le=1.0,
+        doc="weight of the diagonal stability regularizer (the plasticity term gets 1 - gamma); the default "
+            "target holds the model with the Kronecker-factored Laplace term (laplace_weight) instead",
+    )
     steps: int = _spec(400, ge=1, le=MAX_STEPS, doc="maximum optimisation steps")
     lr: float = _spec(1e-4, gt=0.0, le=1.0, doc="Adam learning rate")
-    batch_size: int = _spec(16, ge=1, le=1024, doc="forget images per step")
+    batch_size: int = _spec(64, ge=1, le=1024, doc="forget points (and anchor points) per step")
     timestep_weighting: Literal["uniform", "elbo"] = "uniform"
     t_min: int = _spec(0, ge=0, doc="smallest timestep sampled for the plasticity term")
     t_max: int | None = _spec(None, ge=1, doc="largest timestep (exclusive); default: the scheduler's")
@@ -143,17 +150,26 @@ class UnlearnConfig(_Validated):
     posterior_sigma: float = _spec(1e-2, gt=0.0, doc="isotropic σ*, and the floor of estimated σ*")
     posterior_samples: int = _spec(256, ge=8, le=100000, doc="self-generated samples for data-free posteriors")
     posterior_steps: int = _spec(200, ge=1, le=100000, doc="continued-training steps for self_snapshots")
-    grad_clip: float | None = _spec(1.0, gt=0.0, doc="global gradient-norm clip; null for none")
+    grad_clip: float | None = _spec(
+        None, gt=0.0, doc="global gradient-norm clip; null for none (the forget-image targets clip at 1)")
     plasticity_bound: float | None = _spec(
         3.0, gt=1.0,
         doc="per sample, push the forget loss to at most this multiple of the original model's (null: unbounded)",
     )
-    plasticity_target: Literal["ascent", "negative_guidance"] = _spec(
-        "negative_guidance",
-        doc="vdu: 'ascent' raises the forget loss (bounded); 'negative_guidance' regresses the denoiser on "
-            "forget inputs to the original's prediction guided away from the forget set's empirical score",
+    plasticity_target: Literal["trajectory", "ascent", "negative_guidance"] = _spec(
+        "trajectory",
+        doc="vdu: 'trajectory' regresses the denoiser, on the original's own DDIM paths that end forget-like, "
+            "toward the empirical denoiser of its other samples, and anchors the other paths "
+            "(vdu_core.trajectory); 'ascent' raises the forget loss (bounded); 'negative_guidance' regresses the "
+            "denoiser on noised forget images to the original's prediction guided away from the forget set's "
+            "empirical score",
     )
-    guidance_scale: float = _spec(5.0, gt=0.0, le=100.0, doc="η of the negative guidance target")
+    guidance_scale: float = _spec(3.0, gt=0.0, le=100.0, doc="η of the trajectory or negative guidance target")
+    push_band: list[float] = _spec(
+        None, ge=0.0, le=1.0, factory=lambda: [0.3, 0.7],
+        doc="trajectory: the noise levels pushed, [low, high) as fractions of the training timesteps",
+    )
+    trajectory_steps: int = _spec(25, ge=2, le=1000, doc="trajectory: DDIM steps of the recorded paths")
     guidance_weighting: Literal["uniform", "posterior", "odds"] = _spec(
         "posterior",
         doc="negative_guidance: push every forget input by η ('uniform'), by η × the kernel posterior r that the "
@@ -171,15 +187,22 @@ class UnlearnConfig(_Validated):
         doc="'posterior'/'odds' weighting: blur each kernel in clean space by this multiple of the forget set's "
             "median nearest-neighbour squared distance (per pixel); 0: the exact empirical kernels",
     )
-    anchor_weight: float = _spec(1.0, ge=0.0, le=1e6, doc="λ of the function-space term (0: off)")
+    anchor_weight: float = _spec(
+        10.0, ge=0.0, le=1e6,
+        doc="λ of the function-space term (0: off); with the trajectory target each anchor point is also "
+            "weighted by its sampler step's sensitivity",
+    )
     laplace_weight: float = _spec(
-        0.0, ge=0.0, le=1e9,
+        1e4, ge=0.0, le=1e9,
         doc="weight of the Kronecker-factored Laplace stability term (vdu only; 0: off): the Gauss-Newton of the "
             "original's outputs on its own noised samples, weighted by the sampler's per-step sensitivity "
             "(vdu_core.laplace)",
     )
     laplace_points: int = _spec(1024, ge=16, le=100000, doc="noised own samples the Laplace factors are measured on")
-    anchor_samples: int = _spec(512, ge=0, le=100000, doc="own samples of the original model used as anchors")
+    anchor_samples: int = _spec(
+        1024, ge=0, le=100000,
+        doc="own samples of the original model used as anchors (trajectory: the paths recorded)",
+    )
     anchor_exclude_fraction: float = _spec(
         0.0, ge=0.0, lt=1.0, doc="share of anchors nearest the forget set left out"
     )
@@ -206,9 +229,20 @@ class UnlearnConfig(_Validated):
     method_defaults: typing.ClassVar[dict[str, dict[str, Any]]] = {
         "vdu": {},
         "vdu_paper": {"plasticity_bound": None, "anchor_weight": 0.0, "self_forget_fraction": 0.0,
-                      "plasticity_target": "ascent"},
+                      "plasticity_target": "ascent", "laplace_weight": 0.0},
         "gradient_ascent": {"gamma": 0.0, "plasticity_bound": None, "anchor_weight": 0.0,
-                            "self_forget_fraction": 0.0, "plasticity_target": "ascent"},
+                            "self_forget_fraction": 0.0, "plasticity_target": "ascent", "laplace_weight": 0.0},
+    }
+    #: Then the defaults of the plasticity target, for fields still left out. The dataclass defaults are
+    #: the trajectory target's (the product default); the forget-image targets keep the settings they
+    #: were studied with (docs/quality-study.md, sections 1-5).
+    _FORGET_IMAGE_DEFAULTS: typing.ClassVar[dict[str, Any]] = {
+        "gamma": 0.5, "batch_size": 16, "anchor_weight": 1.0, "laplace_weight": 0.0, "anchor_samples": 512,
+        "guidance_scale": 5.0, "grad_clip": 1.0,
+    }
+    target_defaults: typing.ClassVar[dict[str, dict[str, Any]]] = {
+        "ascent": _FORGET_IMAGE_DEFAULTS,
+        "negative_guidance": _FORGET_IMAGE_DEFAULTS,
     }
 
     def validate(self, *, prefix: str = "params") -> None:
@@ -229,6 +263,17 @@ class UnlearnConfig(_Validated):
             if self.self_forget_fraction != 0.0:
                 raise ConfigError(f"self_forget_fraction is a part of method 'vdu' only, not {self.method!r}",
                                   field=f"{prefix}.self_forget_fraction")
+        if self.plasticity_target == "trajectory":
+            low, high = (self.push_band + [None, None])[:2]
+            if len(self.push_band) != 2 or not low < high:
+                raise ConfigError("push_band must be [low, high] with low < high", field=f"{prefix}.push_band")
+            for name in ("self_forget_fraction", "anchor_exclude_fraction"):
+                if getattr(self, name) != 0.0:
+                    raise ConfigError(f"{name} is not used by the trajectory target (its own paths are labelled "
+                                      "by the data-free vote)", field=f"{prefix}.{name}")
+            if self.anchor_samples < 2:
+                raise ConfigError("the trajectory target needs at least 2 paths (anchor_samples >= 2)",
+                                  field=f"{prefix}.anchor_samples")
         if self.method == "gradient_ascent" and self.gamma != 0.0:
             raise ConfigError("gradient ascent is VDU with gamma = 0", field=f"{prefix}.gamma")
         if self.t_max is not None and self.t_max <= self.t_min:

@@ -90,6 +90,7 @@ class Context:
         self.generator = generator
         self.anchors = anchors
         self.laplace = None  # a vdu_core.laplace.KroneckerLaplace when laplace_weight > 0
+        self.trajectories = None  # a vdu_core.trajectory.Trajectories for the trajectory target
         self._original = None
         self.t_min = config.t_min
         self.t_max = config.t_max or scheduler.config.num_train_timesteps
@@ -147,11 +148,14 @@ def unlearn(
     on_progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     probe_images: torch.Tensor | None = None,
+    trajectories=None,
 ) -> UnlearnReport:
     """Unlearn ``forget`` (N, C, H, W in [-1, 1]) from ``unet`` in place; return what happened.
 
     ``probe_images`` (default: ``forget``) are the images whose loss ratio is reported and used by
-    the stopping rule: the user's forget set, when ``forget`` was augmented.
+    the stopping rule: the user's forget set, when ``forget`` was augmented. ``trajectories`` (a
+    ``vdu_core.trajectory.Trajectories`` of ``unet``): the trajectory target's paths; recorded here
+    (``anchor_samples`` of them) when that target is used and none are given.
     """
     method = get_method(config.method)(config)
     device = pick_device(config)
@@ -159,20 +163,34 @@ def unlearn(
     forget = forget.to(device)
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
+    if method.needs_trajectories and trajectories is None:
+        from vdu_core import trajectory
+        from vdu_core.anchors import cancel_check
+
+        trajectories = trajectory.build(unet, scheduler, forget, config.anchor_samples, config.seed,
+                                        config.trajectory_steps,
+                                        on_batch=cancel_check(should_cancel, "recording the model's own paths"))
+    if trajectories is not None and anchors is None:
+        anchors = trajectories.ends
     if method.needs_anchors and (anchors is None or len(anchors) == 0):
         raise ValueError(f"method {config.method!r} with anchor_weight > 0 or posterior-weighted guidance "
                          "needs anchor samples")
     ctx = Context(unet, scheduler, config, device, g, anchors.to(device) if anchors is not None else None)
     ctx.forget_images = forget
+    ctx.trajectories = trajectories
     if method.needs_original:
         _ = ctx.original  # freeze a copy before the first update
     if config.method == "vdu" and config.laplace_weight > 0:
         from vdu_core.anchors import cancel_check
         from vdu_core.laplace import from_own_samples
+        from vdu_core.trajectory import laplace_on
 
-        ctx.laplace = from_own_samples(unet, scheduler, ctx.anchors, config.laplace_points, config.seed,
-                                       forget=forget,
-                                       should_cancel=cancel_check(should_cancel, "measuring the Laplace factors"))
+        check = cancel_check(should_cancel, "measuring the Laplace factors")
+        if trajectories is not None:
+            ctx.laplace = laplace_on(unet, trajectories, config.laplace_points, config.seed, should_cancel=check)
+        else:
+            ctx.laplace = from_own_samples(unet, scheduler, ctx.anchors, config.laplace_points, config.seed,
+                                           forget=forget, should_cancel=check)
     names, params = trainable(unet)
     regularizer = stability_regularizer(method, config, params, posterior)
     uncovered = ctx.laplace.uncovered(params) if ctx.laplace is not None else []

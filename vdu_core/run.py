@@ -135,13 +135,22 @@ def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, line
         post = posterior.estimate(unet, scheduler, config, lineage_states=lineage_states,
                                   cache_dir=Path(cache_dir) / "posteriors" if cache_dir else None,
                                   on_progress=phase("posterior"), should_cancel=should_cancel)
-    anchor_set, anchor_info = None, None
+    anchor_set, anchor_info, paths = None, None, None
     forget_all = forget_images
     needs_anchors = method.needs_anchors
-    if needs_anchors or (config.method == "vdu" and config.self_forget_fraction > 0):
+    self_forget_wanted = config.method == "vdu" and config.self_forget_fraction > 0
+    if method.needs_trajectories or needs_anchors or self_forget_wanted:
         if on_progress is not None:
             on_progress(Progress(step=0, total=1, losses={}, forget_loss_ratio=1.0, elapsed_s=0.0, eta_s=0.0,
                                  phase="anchors"))
+    if method.needs_trajectories:
+        from vdu_core import trajectory
+
+        paths = trajectory.build(unet, scheduler, forget_images, config.anchor_samples, config.seed,
+                                 config.trajectory_steps,
+                                 on_batch=anchors_mod.cancel_check(should_cancel, "recording the model's own paths"))
+        anchor_info = paths.summary()
+    elif needs_anchors or self_forget_wanted:
         anchor_set, anchor_info, self_forget = anchors_mod.build_anchors(
             unet, scheduler, forget_images, config.anchor_samples, config.anchor_exclude_fraction, config.seed,
             self_forget_fraction=config.self_forget_fraction, should_cancel=should_cancel)
@@ -151,7 +160,7 @@ def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, line
             anchor_set = None
     report = loop.unlearn(unet, scheduler, forget_all, config, post, anchors=anchor_set,
                           on_progress=phase("unlearn"), should_cancel=should_cancel,
-                          probe_images=forget_images)
+                          probe_images=forget_images, trajectories=paths)
     return report, post, anchor_info
 
 

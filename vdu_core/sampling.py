@@ -76,13 +76,17 @@ def sample_images(
     device=None,
     eta: float = 0.0,
     on_batch: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Draw ``n`` samples with DDIM; returns a float32 CPU tensor (n, C, H, W) clamped to [-1, 1].
 
     ``scheduler`` is the model's own scheduler (any diffusers scheduler whose config DDIM accepts);
     a fresh ``DDIMScheduler`` is built from its config, so its state is never modified. Sample ``i``
     is a function of ``(weights, seed, i, steps, eta)`` only. ``on_batch(done, n)`` is called after
-    each batch. The model is put in eval mode and its training mode restored afterwards.
+    each batch. ``on_step(start, k, t, x, eps)`` is called at every DDIM step ``k`` of the batch whose
+    first sample is ``start``, with the state ``x`` entering the step and the model's ``eps`` there
+    (``vdu_core.trajectory`` records trajectories this way). The model is put in eval mode and its
+    training mode restored afterwards.
     """
     from diffusers import DDIMScheduler
 
@@ -103,9 +107,11 @@ def sample_images(
             stop = min(n, start + batch_size)
             gens = _generators(seed, start, stop)
             x = _draw(gens, shape).to(device=device, dtype=dtype)
-            for t in ddim.timesteps:
+            for k, t in enumerate(ddim.timesteps):
                 model_in = ddim.scale_model_input(x, t)
                 eps = unet(model_in, t.to(device)).sample
+                if on_step is not None:
+                    on_step(start, k, t, x, eps)
                 variance_noise = None
                 if eta > 0:
                     # Per-sample step noise from the sample's own generator: batch-independent too.

@@ -30,7 +30,8 @@ from tests.service.helpers import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-JOB_PARAMS = {"steps": 3, "batch_size": 4}
+#: the default (trajectory) target with few paths and Laplace points: the real method, small
+JOB_PARAMS = {"steps": 3, "batch_size": 4, "anchor_samples": 32, "laplace_points": 32}
 EVALUATION = {"num_samples": 8, "grid_samples": 8, "sample_steps": 4, "forget_class": 0}
 
 
@@ -160,7 +161,7 @@ def test_create_job_commits_then_publishes_to_redis(api, ready):
     assert resp.status_code == 201, resp.text
     job = resp.json()
     assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
-    assert job["status"] == "queued" and job["attempt"] == 0 and job["params"]["gamma"] == 0.5
+    assert job["status"] == "queued" and job["attempt"] == 0 and job["params"]["plasticity_target"] == "trajectory"
     assert job["params"]["steps"] == 3 and job["evaluation"]["forget_class"] == 0
     assert seen_at_publish == {job["id"]: "queued"}
     assert job["id"] in CeleryDispatcher(api.settings).pending_job_ids()  # really in Redis

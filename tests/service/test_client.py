@@ -24,9 +24,11 @@ from worker.demo import forget_zip
 
 pytestmark = pytest.mark.timeout(180)
 TINY = Path(__file__).resolve().parents[2] / "reference" / "mnist-ddpm-tiny"
-# 'uniform' guidance weighting: no anchors to sample (~30 s of CPU per job); the client is under test, not the method
+# the forget-image target, 'uniform' guidance weighting: no paths or anchors to sample (~30 s of CPU per
+# job); the client is under test, not the method
 QUICK_JOB = {
     "params": {
+        "plasticity_target": "negative_guidance",
         "steps": 3,
         "batch_size": 4,
         "anchor_weight": 0,

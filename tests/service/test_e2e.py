@@ -23,9 +23,11 @@ from worker.demo import forget_zip
 pytestmark = pytest.mark.timeout(300)
 TINY = REPO / "reference" / "mnist-ddpm-tiny"
 UPLOAD_LIMIT = SERVICE_UPLOAD_LIMIT
-# Service behaviour, not the method: 'uniform' guidance weighting needs no anchors (the default
-# 'posterior' samples 512 of them, ~30 s of CPU per job). The first test runs the real defaults.
+# Service behaviour, not the method: the forget-image target with 'uniform' guidance weighting needs no
+# anchors and no recorded paths (the default trajectory target records 1,024 of the model's own paths).
+# The first test runs the real defaults.
 FAST_PARAMS = {
+    "plasticity_target": "negative_guidance",
     "steps": 3,
     "batch_size": 4,
     "anchor_weight": 0,

@@ -1,0 +1,137 @@
+"""The trajectory target (vdu_core.trajectory): the model's own DDIM paths, labelled by where they end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_unet
+from vdu_core import loop, trajectory
+from vdu_core.config import UnlearnConfig
+from vdu_core.errors import ConfigError, ForgetSetError
+from vdu_core.laplace import sampler_step_weights
+from vdu_core.sampling import initial_noise, sample_images
+
+
+def test_recorded_paths_are_the_samplers_own(tiny_scheduler):
+    """The states, the ε and the ends are exactly what ``sample_images`` computes, batch by batch."""
+    unet = make_tiny_unet().eval()
+    x, eps, t, ends = trajectory.record(unet, tiny_scheduler, 10, seed=3, steps=5, batch_size=4)
+    assert x.shape == (5, 10, 1, 8, 8) and eps.shape == x.shape and t.tolist() == sorted(t.tolist(), reverse=True)
+    assert torch.allclose(ends, sample_images(unet, tiny_scheduler, 10, seed=3, steps=5), atol=1e-5)
+    assert torch.equal(x[0], initial_noise(10, (1, 8, 8), seed=3))
+    with torch.no_grad():
+        assert torch.allclose(eps[2], unet(x[2], t[2]).sample, atol=1e-6)
+
+
+def _paths(unet, scheduler, forget_like):
+    x, eps, t, ends = trajectory.record(unet, scheduler, len(forget_like), seed=0, steps=10)
+    return trajectory.Trajectories(x, eps, t, ends, torch.tensor(forget_like), sampler_step_weights(scheduler, t, 10))
+
+
+def _cfg(**kw):
+    return UnlearnConfig.from_dict({"steps": 30, "batch_size": 8, "lr": 3e-3, "laplace_points": 32,
+                                    "push_band": [0.2, 0.8], "probe_every": 10, **kw})
+
+
+def _band_error(unet, tr, scheduler, cfg, idx):
+    """On the band's states of paths ``idx``: the mean squared distance of ε_θ from the push target, from
+    the original's ε, and the cosine between ε_θ's change and the target's direction."""
+    T = scheduler.config.num_train_timesteps
+    k = tr.band(*(int(round(f * T)) for f in cfg.push_band))
+    xb, tb = tr.x[k][:, idx].flatten(0, 1), tr.t[k].repeat_interleave(len(idx))
+    e0 = tr.eps[k][:, idx].flatten(0, 1)
+    target = trajectory.push_target(xb, tb, e0, tr.ends[tr.retained_idx], scheduler, cfg.guidance_scale)
+    with torch.no_grad():
+        out = unet(xb, tb).sample
+    cos = torch.nn.functional.cosine_similarity((out - e0).flatten(), (target - e0).flatten(), dim=0)
+    return float((out - target).pow(2).mean()), float((out - e0).pow(2).mean()), float(cos)
+
+
+def test_forget_paths_move_toward_the_target_and_the_others_stay(reference_tiny):
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(reference_tiny, use_safetensors=True)
+    unet, scheduler = pipe.unet, pipe.scheduler
+    tr = _paths(unet, scheduler, [i % 4 == 0 for i in range(24)])
+    cfg = _cfg()
+    f_idx, r_idx = tr.forget_idx, tr.retained_idx
+    push0, _, _ = _band_error(unet, tr, scheduler, cfg, f_idx)
+    original = copy.deepcopy(unet)
+    report = loop.unlearn(unet, scheduler, torch.rand(6, 1, 28, 28) * 2 - 1, cfg, trajectories=tr)
+    assert report.steps_run == cfg.steps and {"push", "function_space", "laplace"} <= set(report.history[-1])
+    push1, moved_f, towards = _band_error(unet, tr, scheduler, cfg, f_idx)
+    _, moved_r, _ = _band_error(unet, tr, scheduler, cfg, r_idx)
+    # the forget paths' outputs went toward the retained outputs' denoiser
+    assert push1 < push0 and towards > 0.3, (push0, push1, towards)
+    assert moved_r < 0.5 * moved_f  # the anchored paths' outputs moved far less
+    # the Laplace term does not see the normalisation affines: they are not trained
+    for (name, p), p0 in zip(unet.named_parameters(), original.parameters(), strict=True):
+        if "norm" in name:
+            assert torch.equal(p, p0), name
+
+
+def test_without_forget_like_paths_the_forget_images_are_pushed(tiny_scheduler):
+    unet = make_tiny_unet()
+    tr = _paths(unet, tiny_scheduler, [False] * 12)
+    forget = torch.rand(6, 1, 8, 8) * 2 - 1
+    before = copy.deepcopy(unet)
+    report = loop.unlearn(unet, tiny_scheduler, forget, _cfg(steps=10, anchor_weight=0.0, laplace_weight=0.0),
+                          trajectories=tr)
+    assert report.history[-1]["push"] > 0
+    assert any(not torch.equal(p, q) for p, q in zip(unet.parameters(), before.parameters(), strict=True))
+
+
+def test_the_loop_records_the_paths_itself_and_labels_them(tiny_scheduler):
+    unet = make_tiny_unet()
+    forget = sample_images(unet, tiny_scheduler, 4, seed=99, steps=10)
+    report = loop.unlearn(unet, tiny_scheduler, forget, _cfg(steps=2, anchor_samples=16, trajectory_steps=10))
+    assert report.steps_run == 2 and "push" in report.history[-1]
+
+
+def test_a_forget_set_that_is_everything_the_model_makes_is_refused(tiny_scheduler):
+    unet = make_tiny_unet()
+    own = sample_images(unet, tiny_scheduler, 12, seed=0, steps=5)
+    with pytest.raises(ForgetSetError) as e:  # every own sample is in the forget set, many times
+        trajectory.build(unet, tiny_scheduler, own.repeat(20, 1, 1, 1), 12, seed=0, steps=5)
+    assert e.value.rule == "forget_set_covers_model"
+
+
+def test_defaults_follow_the_target():
+    d = UnlearnConfig.from_dict({})
+    assert (d.plasticity_target, d.gamma, d.laplace_weight, d.anchor_weight, d.batch_size) == \
+        ("trajectory", 0.0, 1e4, 10.0, 64)
+    ng = UnlearnConfig.from_dict({"plasticity_target": "negative_guidance"})
+    assert (ng.gamma, ng.laplace_weight, ng.anchor_weight, ng.batch_size, ng.guidance_scale, ng.grad_clip) == \
+        (0.5, 0.0, 1.0, 16, 5.0, 1.0)
+    assert UnlearnConfig.from_dict({"plasticity_target": "negative_guidance", "gamma": 0.2}).gamma == 0.2
+    paper = UnlearnConfig.from_dict({"method": "vdu_paper"})
+    assert (paper.plasticity_target, paper.gamma, paper.laplace_weight, paper.anchor_weight) == ("ascent", 0.5, 0, 0)
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"push_band": [0.7, 0.3]}, "params.push_band"),
+    ({"push_band": [0.3]}, "params.push_band"),
+    ({"push_band": [0.3, 1.5]}, "params.push_band[1]"),
+    ({"push_band": "0.3-0.7"}, "params.push_band"),
+    ({"self_forget_fraction": 0.1}, "params.self_forget_fraction"),
+    ({"anchor_exclude_fraction": 0.1}, "params.anchor_exclude_fraction"),
+    ({"anchor_samples": 1}, "params.anchor_samples"),
+    ({"trajectory_steps": 1}, "params.trajectory_steps"),
+])
+def test_bad_trajectory_parameters_are_refused_by_name(params, field):
+    with pytest.raises(ConfigError) as e:
+        UnlearnConfig.from_dict(params)
+    assert e.value.field == field
+
+
+def test_the_vote_does_not_call_a_small_sample_forget_like_by_chance(tiny_unet, tiny_scheduler):
+    """Own samples and forget images from one distribution, with the forget images a third of the candidates:
+    the bar rises with their share, so (almost) nothing is called forget-like."""
+    from vdu_core.methods import forget_like_vote
+
+    g = torch.Generator().manual_seed(4)
+    own, forget = torch.rand((8, 1, 8, 8), generator=g) * 2 - 1, torch.rand((4, 1, 8, 8), generator=g) * 2 - 1
+    assert int(forget_like_vote(tiny_unet, tiny_scheduler, own, forget).sum()) <= 1
