@@ -135,3 +135,18 @@ def test_the_vote_does_not_call_a_small_sample_forget_like_by_chance(tiny_unet, 
     g = torch.Generator().manual_seed(4)
     own, forget = torch.rand((8, 1, 8, 8), generator=g) * 2 - 1, torch.rand((4, 1, 8, 8), generator=g) * 2 - 1
     assert int(forget_like_vote(tiny_unet, tiny_scheduler, own, forget).sum()) <= 1
+
+
+def test_recording_the_paths_is_reported_and_cancellable(tiny_scheduler):
+    from vdu_core.errors import Cancelled
+    from vdu_core.run import unlearn_model
+
+    unet = make_tiny_unet()
+    forget = torch.rand(6, 1, 8, 8) * 2 - 1
+    events = []
+    cfg = _cfg(steps=1, anchor_samples=130, trajectory_steps=4)
+    unlearn_model(unet, tiny_scheduler, forget, cfg, on_progress=events.append)
+    paths = [(e.step, e.total) for e in events if e.phase == "anchors"]
+    assert (64, 130) in paths and (130, 130) in paths
+    with pytest.raises(Cancelled, match="recording the model's own paths"):
+        unlearn_model(unet, tiny_scheduler, forget, cfg, should_cancel=lambda: True)

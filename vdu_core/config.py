@@ -288,7 +288,7 @@ class EvalConfig(_Validated):
     classifier: str = _spec("builtin:mnist", doc="'builtin:mnist' or a folder with a classifier")
     num_samples: int = _spec(512, ge=8, le=50000, doc="paired samples before and after")
     grid_samples: int = _spec(64, ge=1, le=256)
-    sample_steps: int = _spec(50, ge=2, le=1000, doc="DDIM steps for sampling")
+    sample_steps: int = _spec(25, ge=2, le=1000, doc="DDIM steps for sampling (the quality study's setting)")
     seed: int = _spec(1234, ge=0, le=2**31 - 1)
     enabled: bool = True
 
