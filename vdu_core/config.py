@@ -140,9 +140,9 @@ class UnlearnConfig(_Validated):
         doc="weight of the diagonal stability regularizer (the plasticity term gets 1 - gamma); the default "
             "target holds the model with the Kronecker-factored Laplace term (laplace_weight) instead",
     )
-    steps: int = _spec(400, ge=1, le=MAX_STEPS, doc="maximum optimisation steps")
+    steps: int = _spec(300, ge=1, le=MAX_STEPS, doc="maximum optimisation steps (the forget-image targets: 400)")
     lr: float = _spec(1e-4, gt=0.0, le=1.0, doc="Adam learning rate")
-    batch_size: int = _spec(64, ge=1, le=1024, doc="forget points (and anchor points) per step")
+    batch_size: int = _spec(32, ge=1, le=1024, doc="forget points (and anchor points) per step")
     timestep_weighting: Literal["uniform", "elbo"] = "uniform"
     t_min: int = _spec(0, ge=0, doc="smallest timestep sampled for the plasticity term")
     t_max: int | None = _spec(None, ge=1, doc="largest timestep (exclusive); default: the scheduler's")
@@ -198,7 +198,7 @@ class UnlearnConfig(_Validated):
             "original's outputs on its own noised samples, weighted by the sampler's per-step sensitivity "
             "(vdu_core.laplace)",
     )
-    laplace_points: int = _spec(1024, ge=16, le=100000, doc="noised own samples the Laplace factors are measured on")
+    laplace_points: int = _spec(512, ge=16, le=100000, doc="noised own samples the Laplace factors are measured on")
     anchor_samples: int = _spec(
         1024, ge=0, le=100000,
         doc="own samples of the original model used as anchors (trajectory: the paths recorded)",
@@ -237,8 +237,8 @@ class UnlearnConfig(_Validated):
     #: the trajectory target's (the product default); the forget-image targets keep the settings they
     #: were studied with (docs/quality-study.md, sections 1-5).
     _FORGET_IMAGE_DEFAULTS: typing.ClassVar[dict[str, Any]] = {
-        "gamma": 0.5, "batch_size": 16, "anchor_weight": 1.0, "laplace_weight": 0.0, "anchor_samples": 512,
-        "guidance_scale": 5.0, "grad_clip": 1.0,
+        "gamma": 0.5, "steps": 400, "batch_size": 16, "anchor_weight": 1.0, "anchor_samples": 512,
+        "laplace_weight": 0.0, "laplace_points": 1024, "guidance_scale": 5.0, "grad_clip": 1.0,
     }
     target_defaults: typing.ClassVar[dict[str, dict[str, Any]]] = {
         "ascent": _FORGET_IMAGE_DEFAULTS,
