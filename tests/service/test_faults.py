@@ -37,9 +37,11 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 FINAL = ("succeeded", "failed", "cancelled")
 LEASE_S = 10
 WORKERS = 2
-# No anchors: with the default guidance weighting ('posterior') a job first samples 512 anchors from the
-# model, ~30 s of CPU that no fault here is about; 'uniform' skips them (a job starts training in ~1 s).
+# No anchors and no paths: the default trajectory target first records 1,024 of the model's own paths, and the
+# forget-image target with 'posterior' weighting samples 512 anchors, CPU that no fault here is about; the
+# forget-image target with 'uniform' weighting skips both (a job starts training in ~1 s).
 QUICK = {
+    "plasticity_target": "negative_guidance",
     "steps": 3,
     "batch_size": 4,
     "anchor_weight": 0,
