@@ -164,12 +164,9 @@ def unlearn(
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
     if method.needs_trajectories and trajectories is None:
-        from vdu_core import trajectory
-        from vdu_core.anchors import cancel_check
+        from vdu_core.trajectory import for_config
 
-        trajectories = trajectory.build(unet, scheduler, forget, config.anchor_samples, config.seed,
-                                        config.trajectory_steps,
-                                        on_batch=cancel_check(should_cancel, "recording the model's own paths"))
+        trajectories = for_config(unet, scheduler, forget, config, should_cancel)
     if trajectories is not None and anchors is None:
         anchors = trajectories.ends
     if method.needs_anchors and (anchors is None or len(anchors) == 0):

@@ -146,19 +146,15 @@ def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, line
     if method.needs_trajectories:
         from vdu_core import trajectory
 
-        check = anchors_mod.cancel_check(should_cancel, "recording the model's own paths")
         t_paths = time.time()
 
-        def path_batch(done: int, total: int) -> None:  # cancellable, and reported: a few minutes on a CPU
-            if check is not None:
-                check(done, total)
+        def path_batch(done: int, total: int) -> None:  # a few minutes on a CPU: reported per batch
             if on_progress is not None:
                 el = time.time() - t_paths
                 on_progress(Progress(step=done, total=total, losses={}, forget_loss_ratio=1.0, elapsed_s=el,
                                      eta_s=el / max(done, 1) * (total - done), phase="anchors"))
 
-        paths = trajectory.build(unet, scheduler, forget_images, config.anchor_samples, config.seed,
-                                 config.trajectory_steps, on_batch=path_batch)
+        paths = trajectory.for_config(unet, scheduler, forget_images, config, should_cancel, on_batch=path_batch)
         anchor_info = paths.summary()
     elif needs_anchors or self_forget_wanted:
         anchor_set, anchor_info, self_forget = anchors_mod.build_anchors(

@@ -98,6 +98,23 @@ def build(unet, scheduler, forget: torch.Tensor, n: int, seed: int, steps: int =
     return Trajectories(x, eps, t, ends, forget_like, sampler_step_weights(scheduler, t, steps))
 
 
+def for_config(unet, scheduler, forget: torch.Tensor, config, should_cancel: Callable[[], bool] | None = None,
+               on_batch: Callable[[int, int], None] | None = None) -> Trajectories:
+    """``build`` with a run's settings (``anchor_samples`` paths, ``seed``, ``trajectory_steps``), cancellable
+    between batches (``should_cancel``), ``on_batch(done, total)`` after each."""
+    from vdu_core.anchors import cancel_check
+
+    check = cancel_check(should_cancel, "recording the model's own paths")
+
+    def batch(done: int, total: int) -> None:
+        if check is not None:
+            check(done, total)
+        if on_batch is not None:
+            on_batch(done, total)
+
+    return build(unet, scheduler, forget, config.anchor_samples, config.seed, config.trajectory_steps, on_batch=batch)
+
+
 def laplace_on(unet, tr: Trajectories, n_points: int, seed: int,
                should_cancel: Callable[[int, int], None] | None = None) -> KroneckerLaplace:
     """The Laplace factors on ``n_points`` retained states drawn at random over paths and steps, each
