@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from tests.conftest import make_tiny_unet
-from vdu_core.sampling import initial_noise, sample_images, sample_seed, save_grid, side_by_side
+from vdu_core.sampling import initial_noise, sample_from, sample_images, sample_seed, save_grid, side_by_side
 
 
 def dummy_unet(sample_size: int = 8, seed: int = 0) -> UNet2DModel:
@@ -54,6 +54,15 @@ def test_sampling_is_deterministic_and_independent_of_batch_size(unet, scheduler
     # The first samples of a longer run are the same samples: n does not change sample i.
     torch.testing.assert_close(sample_images(unet, scheduler, 3, seed=11, steps=3), a[:3], rtol=0, atol=1e-5)
     assert not torch.allclose(sample_images(unet, scheduler, 5, seed=12, steps=3), a)
+
+
+def test_sample_from_given_noise_redraws_chosen_samples(unet, scheduler):
+    """Re-running some samples from their starting noise (e.g. recorded paths) gives the same images."""
+    full = sample_images(unet, scheduler, 6, seed=5, steps=3)
+    pick = torch.tensor([4, 1])
+    again = sample_from(unet, scheduler, initial_noise(6, (1, 8, 8), seed=5)[pick], steps=3, batch_size=1)
+    torch.testing.assert_close(again, full[pick], rtol=0, atol=1e-5)
+    assert sample_from(unet, scheduler, torch.empty(0, 1, 8, 8), steps=3).shape == (0, 1, 8, 8)
 
 
 def test_stochastic_ddim_noise_is_per_sample(unet, scheduler):

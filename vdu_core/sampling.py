@@ -107,22 +107,49 @@ def sample_images(
             stop = min(n, start + batch_size)
             gens = _generators(seed, start, stop)
             x = _draw(gens, shape).to(device=device, dtype=dtype)
-            for k, t in enumerate(ddim.timesteps):
-                model_in = ddim.scale_model_input(x, t)
-                eps = unet(model_in, t.to(device)).sample
-                if on_step is not None:
-                    on_step(start, k, t, x, eps)
-                variance_noise = None
-                if eta > 0:
-                    # Per-sample step noise from the sample's own generator: batch-independent too.
-                    variance_noise = _draw(gens, shape).to(device=device, dtype=dtype)
-                x = ddim.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
+            step_hook = None if on_step is None else (lambda k, t, x_, e, s=start: on_step(s, k, t, x_, e))
+            x = _denoise(unet, ddim, x, eta, gens, step_hook)
             out.append(x.float().clamp(-1.0, 1.0).cpu())
             if on_batch is not None:
                 on_batch(stop, n)
     finally:
         unet.train(was_training)
     return torch.cat(out)
+
+
+def _denoise(unet, ddim, x: torch.Tensor, eta: float = 0.0, gens=None, on_step=None) -> torch.Tensor:
+    """Run the prepared DDIM schedule from ``x``; ``on_step(k, t, x, eps)`` at each step."""
+    device = x.device
+    for k, t in enumerate(ddim.timesteps):
+        eps = unet(ddim.scale_model_input(x, t), t.to(device)).sample
+        if on_step is not None:
+            on_step(k, t, x, eps)
+        variance_noise = None
+        if eta > 0:
+            # Per-sample step noise from the sample's own generator: batch-independent too.
+            variance_noise = _draw(gens, x.shape[1:]).to(device=device, dtype=x.dtype)
+        x = ddim.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
+    return x
+
+
+@torch.no_grad()
+def sample_from(unet, scheduler, x_T: torch.Tensor, *, steps: int = 50, batch_size: int = 64) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) from given starting noise ``x_T`` (e.g. recorded paths' first states):
+    the same images ``sample_images`` draws from that noise. Float32 CPU, clamped to [-1, 1]."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    device = _device_of(unet)
+    dtype = next(unet.parameters()).dtype
+    was_training = unet.training
+    unet.eval()
+    try:
+        out = [_denoise(unet, ddim, x_T[i : i + batch_size].to(device=device, dtype=dtype)).float().clamp(-1, 1).cpu()
+               for i in range(0, len(x_T), batch_size)]
+    finally:
+        unet.train(was_training)
+    return torch.cat(out) if out else torch.empty_like(x_T)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
