@@ -260,3 +260,34 @@ def test_feature_posterior_on_a_model_without_mid_block_is_refused_before_any_wo
     # the same model is fine with the default pixel posterior
     unlearn_model(unet, tiny_scheduler, torch.rand(4, 1, 8, 8) * 2 - 1,
                   UnlearnConfig.from_dict({"steps": 1, "anchor_samples": 8, "posterior": "isotropic"}))
+
+
+def test_cosine_schedule_warms_up_then_decays_to_rest(tiny_unet, tiny_scheduler):
+    cfg = UnlearnConfig.from_dict({"steps": 40, "lr": 1.0, "lr_schedule": "cosine"})
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=cfg.lr)
+    sched = loop.lr_schedule(opt, cfg)
+    lrs = []
+    for _ in range(cfg.steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)  # 5 % of 40 steps: 2 warm-up steps
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] < 0.01
+    assert loop.lr_schedule(opt, UnlearnConfig.from_dict({})) is None  # constant: no scheduler
+    # in the loop: the last step barely moves the weights, the steps after the warm-up do
+    cfg = UnlearnConfig.from_dict({"method": "gradient_ascent", "steps": 20, "batch_size": 4, "lr": 1e-2,
+                                   "lr_schedule": "cosine"})
+    snaps = [torch.cat([q.detach().flatten().clone() for q in tiny_unet.parameters()])]
+    loop.unlearn(tiny_unet, tiny_scheduler, _forget(), cfg, None, on_progress=lambda e: snaps.append(
+        torch.cat([q.detach().flatten().clone() for q in tiny_unet.parameters()])))
+    moves = [float((b - a).norm()) for a, b in zip(snaps, snaps[1:], strict=False)]
+    assert len(moves) == 20 and moves[-1] < 0.1 * moves[2]
+
+
+def test_bad_lr_schedule_is_refused_by_name():
+    from vdu_core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        UnlearnConfig.from_dict({"lr_schedule": "linear"})
+    assert e.value.field == "params.lr_schedule"

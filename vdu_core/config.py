@@ -141,7 +141,9 @@ class UnlearnConfig(_Validated):
             "target holds the model with the Kronecker-factored Laplace term (laplace_weight) instead",
     )
     steps: int = _spec(300, ge=1, le=MAX_STEPS, doc="maximum optimisation steps (the forget-image targets: 400)")
-    lr: float = _spec(1e-4, gt=0.0, le=1.0, doc="Adam learning rate")
+    lr: float = _spec(1e-4, gt=0.0, le=1.0, doc="Adam learning rate (the peak, with a schedule)")
+    lr_schedule: Literal["constant", "cosine"] = _spec(
+        "constant", doc="'cosine': linear warm-up over the first 5 % of the steps, then cosine decay to 0")
     batch_size: int = _spec(32, ge=1, le=1024, doc="forget points (and anchor points) per step")
     timestep_weighting: Literal["uniform", "elbo"] = "uniform"
     t_min: int = _spec(0, ge=0, doc="smallest timestep sampled for the plasticity term")

@@ -63,6 +63,23 @@ def add_stability(regularizer: StabilityRegularizer | None, terms) -> dict[str, 
     return losses
 
 
+def lr_schedule(opt, config: UnlearnConfig):
+    """None for a constant rate; for 'cosine', a linear warm-up over the first 5 % of ``steps`` and a cosine
+    decay to 0 at ``steps`` (so the run ends at rest, not at a random phase of the push/anchor balance)."""
+    if config.lr_schedule == "constant":
+        return None
+    import math
+
+    warm = max(1, round(0.05 * config.steps))
+
+    def factor(i: int) -> float:  # i = steps taken so far
+        if i < warm:
+            return (i + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (i - warm + 1) / max(1, config.steps - warm + 1))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 @dataclass
 class UnlearnReport:
     steps_run: int
@@ -192,6 +209,7 @@ def unlearn(
     regularizer = stability_regularizer(method, config, params, posterior)
     uncovered = ctx.laplace.uncovered(params) if ctx.laplace is not None else []
     opt = torch.optim.Adam(params, lr=config.lr)
+    schedule = lr_schedule(opt, config)
     probe_src = forget if probe_images is None else probe_images.to(device)
     probe = Probe(probe_src, scheduler, ctx.t_min, ctx.t_max, config.seed)
     p0 = probe.loss(unet)
@@ -224,6 +242,8 @@ def unlearn(
         if config.grad_clip is not None:
             losses["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         opt.step()
+        if schedule is not None:
+            schedule.step()
         if step % config.probe_every == 0 or step == config.steps:
             ratio = probe.loss(unet) / max(p0, 1e-12)
         elapsed = time.time() - t_start
