@@ -56,7 +56,7 @@ for s in sorted(snaps):
     after = sample_images(m, sch, N, seed=1234, steps=25)
     ya = metrics.classify(clf, after)[0]
     fb = yb == digit
-    pul = 100 * (int(fb.sum()) - int((ya == digit).sum())) / int(fb.sum())
+    pul = 100 * (int(fb.sum()) - int((ya == digit).sum())) / max(int(fb.sum()), 1)
     rk = float((ya[~fb] == yb[~fb]).float().mean())
     tra = sample_from(m, sch, xT, steps=cfg.trajectory_steps)
     ta = metrics.classify(clf, tra)[0]
@@ -65,7 +65,7 @@ for s in sorted(snaps):
     drift = float((tra[~like] - tr0[~like]).flatten(1).norm(dim=1).mean())
     fdrift = float((tra[like] - tr0[like]).flatten(1).norm(dim=1).mean())
     tf = tb == digit
-    tpul = 100 * (int(tf.sum()) - int((ta == digit).sum())) / int(tf.sum())
+    tpul = 100 * (int(tf.sum()) - int((ta == digit).sum())) / max(int(tf.sum()), 1)
     row = dict(
         step=s,
         pul=pul,
