@@ -4,7 +4,7 @@ Methods (``vdu_core.methods``) only say how a step's loss is computed. The loop:
 
 * draws forget-set batches and timesteps from a seeded generator (same seed, same run);
 * applies the stability term's gradient analytically (``StabilityRegularizer.add_grad_``);
-* clips the global gradient norm, steps Adam;
+* clips the global gradient norm, steps Adam (constant rate, or ``lr_schedule = "cosine"``);
 * measures the forget-set loss ratio on a fixed probe (fixed images, timesteps and noise) every
   ``probe_every`` steps and stops when it reaches ``target_loss_ratio`` (or at ``steps``);
 * reports every loss term, the ratio and an ETA through ``on_progress`` each step, and polls
