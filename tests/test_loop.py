@@ -274,7 +274,7 @@ def test_cosine_schedule_warms_up_then_decays_to_rest(tiny_unet, tiny_scheduler)
         sched.step()
     assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)  # 5 % of 40 steps: 2 warm-up steps
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] < 0.01
-    assert loop.lr_schedule(opt, UnlearnConfig.from_dict({})) is None  # constant: no scheduler
+    assert loop.lr_schedule(opt, UnlearnConfig.from_dict({"lr_schedule": "constant"})) is None  # no scheduler
     # in the loop: the last step barely moves the weights, the steps after the warm-up do
     cfg = UnlearnConfig.from_dict({"method": "gradient_ascent", "steps": 20, "batch_size": 4, "lr": 1e-2,
                                    "lr_schedule": "cosine"})

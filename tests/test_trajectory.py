@@ -101,15 +101,15 @@ def test_a_forget_set_that_is_everything_the_model_makes_is_refused(tiny_schedul
 
 def test_defaults_follow_the_target():
     d = UnlearnConfig.from_dict({})
-    assert (d.plasticity_target, d.gamma, d.laplace_weight, d.anchor_weight, d.batch_size, d.steps) == \
-        ("trajectory", 0.0, 1e4, 10.0, 32, 300)
+    assert (d.plasticity_target, d.gamma, d.laplace_weight, d.anchor_weight, d.batch_size, d.steps, d.lr,
+            d.lr_schedule) == ("trajectory", 0.0, 1e4, 10.0, 32, 300, 2e-4, "cosine")
     ng = UnlearnConfig.from_dict({"plasticity_target": "negative_guidance"})
-    assert (ng.gamma, ng.laplace_weight, ng.anchor_weight, ng.batch_size, ng.guidance_scale, ng.grad_clip) == \
-        (0.5, 0.0, 1.0, 16, 5.0, 1.0)
+    assert (ng.gamma, ng.laplace_weight, ng.anchor_weight, ng.batch_size, ng.guidance_scale, ng.grad_clip, ng.lr,
+            ng.lr_schedule) == (0.5, 0.0, 1.0, 16, 5.0, 1.0, 1e-4, "constant")
     assert UnlearnConfig.from_dict({"plasticity_target": "negative_guidance", "gamma": 0.2}).gamma == 0.2
     paper = UnlearnConfig.from_dict({"method": "vdu_paper"})
-    assert (paper.plasticity_target, paper.gamma, paper.laplace_weight, paper.anchor_weight, paper.steps) == \
-        ("ascent", 0.5, 0, 0, 400)
+    assert (paper.plasticity_target, paper.gamma, paper.laplace_weight, paper.anchor_weight, paper.steps, paper.lr,
+            paper.lr_schedule) == ("ascent", 0.5, 0, 0, 400, 1e-4, "constant")
 
 
 @pytest.mark.parametrize("params, field", [

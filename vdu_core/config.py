@@ -141,9 +141,10 @@ class UnlearnConfig(_Validated):
             "target holds the model with the Kronecker-factored Laplace term (laplace_weight) instead",
     )
     steps: int = _spec(300, ge=1, le=MAX_STEPS, doc="maximum optimisation steps (the forget-image targets: 400)")
-    lr: float = _spec(1e-4, gt=0.0, le=1.0, doc="Adam learning rate (the peak, with a schedule)")
+    lr: float = _spec(2e-4, gt=0.0, le=1.0,
+                      doc="Adam learning rate (the peak of the schedule; the forget-image targets: 1e-4, constant)")
     lr_schedule: Literal["constant", "cosine"] = _spec(
-        "constant", doc="'cosine': linear warm-up over the first 5 % of the steps, then cosine decay to 0")
+        "cosine", doc="'cosine': linear warm-up over the first 5 % of the steps, then cosine decay to 0")
     batch_size: int = _spec(32, ge=1, le=1024, doc="forget points (and anchor points) per step")
     timestep_weighting: Literal["uniform", "elbo"] = "uniform"
     t_min: int = _spec(0, ge=0, doc="smallest timestep sampled for the plasticity term")
@@ -241,6 +242,7 @@ class UnlearnConfig(_Validated):
     _FORGET_IMAGE_DEFAULTS: typing.ClassVar[dict[str, Any]] = {
         "gamma": 0.5, "steps": 400, "batch_size": 16, "anchor_weight": 1.0, "anchor_samples": 512,
         "laplace_weight": 0.0, "laplace_points": 1024, "guidance_scale": 5.0, "grad_clip": 1.0,
+        "lr": 1e-4, "lr_schedule": "constant",
     }
     target_defaults: typing.ClassVar[dict[str, dict[str, Any]]] = {
         "ascent": _FORGET_IMAGE_DEFAULTS,
