@@ -12,6 +12,7 @@ the model's own training scheduler is left untouched. Grids are written with PIL
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -88,8 +89,6 @@ def sample_images(
     (``vdu_core.trajectory`` records trajectories this way). The model is put in eval mode and its
     training mode restored afterwards.
     """
-    from diffusers import DDIMScheduler
-
     if n < 0 or batch_size < 1 or steps < 1:
         raise ValueError(f"need n >= 0, batch_size >= 1 and steps >= 1; got {n}, {batch_size}, {steps}")
     shape = _sample_shape(unet)
@@ -97,12 +96,8 @@ def sample_images(
         return torch.empty((0, *shape))
     device = torch.device(device) if device is not None else _device_of(unet)
     dtype = next(unet.parameters()).dtype
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(steps)
-    was_training = unet.training
-    unet.eval()
     out = []
-    try:
+    with _eval_ddim(unet, scheduler, steps) as ddim:
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             gens = _generators(seed, start, stop)
@@ -112,9 +107,23 @@ def sample_images(
             out.append(x.float().clamp(-1.0, 1.0).cpu())
             if on_batch is not None:
                 on_batch(stop, n)
+    return torch.cat(out)
+
+
+@contextlib.contextmanager
+def _eval_ddim(unet, scheduler, steps: int):
+    """A fresh DDIM schedule of ``steps`` built from ``scheduler``'s config (never modified), with ``unet`` in
+    eval mode for the duration and its training mode restored afterwards."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    was_training = unet.training
+    unet.eval()
+    try:
+        yield ddim
     finally:
         unet.train(was_training)
-    return torch.cat(out)
 
 
 def _denoise(unet, ddim, x: torch.Tensor, eta: float = 0.0, gens=None, on_step=None) -> torch.Tensor:
@@ -136,20 +145,11 @@ def _denoise(unet, ddim, x: torch.Tensor, eta: float = 0.0, gens=None, on_step=N
 def sample_from(unet, scheduler, x_T: torch.Tensor, *, steps: int = 50, batch_size: int = 64) -> torch.Tensor:
     """Deterministic DDIM (η = 0) from given starting noise ``x_T`` (e.g. recorded paths' first states):
     the same images ``sample_images`` draws from that noise. Float32 CPU, clamped to [-1, 1]."""
-    from diffusers import DDIMScheduler
-
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(steps)
-    device = _device_of(unet)
-    dtype = next(unet.parameters()).dtype
-    was_training = unet.training
-    unet.eval()
-    try:
+    device, dtype = _device_of(unet), next(unet.parameters()).dtype
+    with _eval_ddim(unet, scheduler, steps) as ddim:
         out = [_denoise(unet, ddim, x_T[i : i + batch_size].to(device=device, dtype=dtype)).float().clamp(-1, 1).cpu()
                for i in range(0, len(x_T), batch_size)]
-    finally:
-        unet.train(was_training)
-    return torch.cat(out) if out else torch.empty_like(x_T)
+    return torch.cat(out) if out else torch.empty_like(x_T).float()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
