@@ -172,6 +172,11 @@ class UnlearnConfig(_Validated):
         None, ge=0.0, le=1.0, factory=lambda: [0.3, 0.7],
         doc="trajectory: the noise levels pushed, [low, high) as fractions of the training timesteps",
     )
+    push_refresh_every: int = _spec(
+        0, ge=0, le=MAX_STEPS,
+        doc="trajectory: every this many steps, re-draw the forget-like paths with the model being trained and "
+            "push only those the vote still calls forget-like (0: push them all to the end)",
+    )
     trajectory_steps: int = _spec(25, ge=2, le=1000, doc="trajectory: DDIM steps of the recorded paths")
     guidance_weighting: Literal["uniform", "posterior", "odds"] = _spec(
         "posterior",
@@ -267,6 +272,9 @@ class UnlearnConfig(_Validated):
             if self.self_forget_fraction != 0.0:
                 raise ConfigError(f"self_forget_fraction is a part of method 'vdu' only, not {self.method!r}",
                                   field=f"{prefix}.self_forget_fraction")
+        if self.plasticity_target != "trajectory" and self.push_refresh_every != 0:
+            raise ConfigError("push_refresh_every re-draws the trajectory target's paths: it needs "
+                              "plasticity_target 'trajectory'", field=f"{prefix}.push_refresh_every")
         if self.plasticity_target == "trajectory":
             low, high = (self.push_band + [None, None])[:2]
             if len(self.push_band) != 2 or not low < high:

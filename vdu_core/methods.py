@@ -91,6 +91,10 @@ class UnlearningMethod:
     def check_model(self, unet) -> None:
         """Refuse, with a ``ConfigError`` naming the parameter, a model this configuration cannot use."""
 
+    def after_step(self, ctx, step: int) -> dict:
+        """Called by the loop after each optimiser step; what it returns joins the step's history."""
+        return {}
+
 
 def _plasticity(ctx, batch: ForgetBatch) -> tuple[torch.Tensor, torch.Tensor]:
     pred = ctx.unet(batch.x_t, batch.t).sample
@@ -199,6 +203,12 @@ class VDU(UnlearningMethod):
             report["function_space"] = float(fs.detach())
         return self._add_laplace(ctx, loss, report)
 
+    def after_step(self, ctx, step: int) -> dict:
+        every, tr = self.config.push_refresh_every, ctx.trajectories
+        if tr is None or every == 0 or step % every or step >= self.config.steps:
+            return {}
+        return tr.refresh(ctx.unet, ctx.original, ctx.scheduler)
+
     def _add_laplace(self, ctx, loss: torch.Tensor, report: dict) -> Terms:
         if ctx.laplace is not None:
             lap = ctx.laplace.penalty()
@@ -223,13 +233,18 @@ class VDU(UnlearningMethod):
             i = f_idx[torch.randint(0, len(f_idx), (n,), generator=g)]
             k = band[torch.randint(0, len(band), (n,), generator=g)]
             x_t, t, eps0 = tr.x[k, i].to(dev), tr.t[k].to(dev), tr.eps[k, i].to(dev)
-        else:
+        elif not bool(tr.forget_like.any()):
             t = tr.t[band[torch.randint(0, len(band), (len(batch.x0),), generator=g)]].to(dev)
             x_t = ctx.scheduler.add_noise(batch.x0, batch.noise, t)
             with torch.no_grad():
                 eps0 = ctx.original(x_t, t).sample
-        target = push_target(x_t, t, eps0, tr.ends[r_idx].to(dev), ctx.scheduler, cfg.guidance_scale)
-        push = per_sample_mse(ctx.unet(x_t, t).sample, target).mean()
+        else:  # every forget-like path already ends elsewhere (push_refresh_every): nothing to push now
+            x_t = None
+        if x_t is not None:
+            target = push_target(x_t, t, eps0, tr.ends[r_idx].to(dev), ctx.scheduler, cfg.guidance_scale)
+            push = per_sample_mse(ctx.unet(x_t, t).sample, target).mean()
+        else:
+            push = torch.zeros((), device=dev)
         loss = (1.0 - cfg.gamma) * push
         report = {"push": float(push.detach())}
         if cfg.anchor_weight > 0:
@@ -354,21 +369,66 @@ def knn_forget_ratio(query: torch.Tensor, forget: torch.Tensor, own: torch.Tenso
 
 
 @torch.no_grad()
-def noised_mid_features(unet, scheduler, x: torch.Tensor, t: int, generator: torch.Generator,
-                        batch_size: int = 128) -> torch.Tensor:
-    """``flat_features`` of the UNet's mid-block on ``x`` noised to timestep ``t``."""
+def noised_mid_features(unet, scheduler, x: torch.Tensor, t: int, generator: torch.Generator | None,
+                        batch_size: int = 128, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """``flat_features`` of the UNet's mid-block on ``x`` noised to timestep ``t`` (with ``noise``, else noise
+    drawn from ``generator`` batch by batch)."""
     out = []
     for i in range(0, len(x), batch_size):
         x0 = x[i : i + batch_size]
         tt = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
-        x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=generator).to(x0.device), tt)
+        n = torch.randn(x0.shape, generator=generator) if noise is None else noise[i : i + batch_size]
+        x_t = scheduler.add_noise(x0, n.to(x0.device), tt)
         with mid_block_output(unet) as mid:
             unet(x_t, tt)
         out.append(flat_features(mid["out"]))
     return torch.cat(out)
 
 
-@torch.no_grad()
+class ForgetVote:
+    """The data-free vote (``forget_like_vote``) with its pool kept: the original model's features of the forget
+    images and of its own samples, and the noise each own sample was read with, so that later samples (the same
+    paths re-drawn by a changed model) are labelled against the same pool and bar — an unchanged sample
+    exactly as before. ``labels`` is the vote on the own samples themselves."""
+
+    @torch.no_grad()
+    def __init__(self, unet, scheduler, own: torch.Tensor, forget: torch.Tensor, k: int = FEATURE_K,
+                 min_forget: int = 3, seed: int = 0):
+        self.t = int(0.2 * scheduler.config.num_train_timesteps)
+        g = torch.Generator().manual_seed(seed)
+        self.ff = self.features(unet, scheduler, forget, generator=g)
+        # the noise drawn batch by batch, as noised_mid_features draws it
+        self.own_noise = torch.cat([torch.randn(own[i : i + 128].shape, generator=g) for i in range(0, len(own), 128)])
+        self.fo = self.features(unet, scheduler, own, noise=self.own_noise)
+        self.k = min(k, len(self.ff) + len(self.fo) - 1)
+        chance = self.k * len(self.ff) / (len(self.ff) + len(self.fo) - 1)
+        self.bar = min(self.k, max(min_forget, math.ceil(2 * chance)))
+
+    def features(self, unet, scheduler, x: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
+        if getattr(unet, "mid_block", None) is None:
+            return torch.nn.functional.normalize(x.float().flatten(1), dim=1)
+        return noised_mid_features(unet, scheduler, x, self.t, generator, noise=noise)
+
+    def _vote(self, d_forget: torch.Tensor, d_own: torch.Tensor) -> torch.Tensor:
+        c_f = (torch.cat([d_forget, d_own], 1).topk(self.k, largest=False).indices < len(self.ff)).sum(1)
+        return (c_f >= self.bar).cpu()
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """True where an own sample is forget-like (its own entry left out of its neighbours)."""
+        return self._vote(torch.cdist(self.fo, self.ff), torch.cdist(self.fo, self.fo).fill_diagonal_(float("inf")))
+
+    @torch.no_grad()
+    def label(self, unet, scheduler, x: torch.Tensor, replaces: torch.Tensor) -> torch.Tensor:
+        """The vote on new samples ``x``, each standing in for the own sample ``replaces[j]`` (left out of its
+        neighbours, its noise reused). ``unet`` must be the model the pool was measured with (the original)."""
+        replaces = replaces.cpu()
+        fq = self.features(unet, scheduler, x, noise=self.own_noise[replaces])
+        d_own = torch.cdist(fq, self.fo)
+        d_own[torch.arange(len(fq)), replaces.to(d_own.device)] = float("inf")
+        return self._vote(torch.cdist(fq, self.ff), d_own)
+
+
 def forget_like_vote(unet, scheduler, own: torch.Tensor, forget: torch.Tensor, k: int = FEATURE_K,
                      min_forget: int = 3, seed: int = 0) -> torch.Tensor:
     """Data-free label of the model's own samples: True where at least ``min_forget`` of an own sample's
@@ -380,20 +440,7 @@ def forget_like_vote(unet, scheduler, own: torch.Tensor, forget: torch.Tensor, k
     forget-like by chance."""
     if len(own) == 0 or len(forget) == 0:
         return torch.zeros(len(own), dtype=torch.bool)
-    t = int(0.2 * scheduler.config.num_train_timesteps)
-    g = torch.Generator().manual_seed(seed)
-
-    def feats(x: torch.Tensor) -> torch.Tensor:
-        if getattr(unet, "mid_block", None) is None:
-            return torch.nn.functional.normalize(x.float().flatten(1), dim=1)
-        return noised_mid_features(unet, scheduler, x, t, g)
-
-    ff, fo = feats(forget), feats(own)
-    d = torch.cat([torch.cdist(fo, ff), torch.cdist(fo, fo).fill_diagonal_(float("inf"))], 1)
-    kk = min(k, d.shape[1] - 1)
-    c_f = (d.topk(kk, largest=False).indices < len(ff)).sum(1)
-    chance = kk * len(ff) / (len(ff) + len(fo) - 1)
-    return (c_f >= min(kk, max(min_forget, math.ceil(2 * chance)))).cpu()
+    return ForgetVote(unet, scheduler, own, forget, k=k, min_forget=min_forget, seed=seed).labels
 
 
 def _kernel_scale(ctx) -> float:
