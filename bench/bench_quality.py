@@ -117,6 +117,8 @@ def main(argv=None) -> None:
             fid_a = metrics.u_fid(after, real_stats, classifier)["value"]
             col = metrics.collapse_check(preds_b, preds_a, k, u_fid_ratio=fid_a / fid_b)
             moved = (after - before).flatten(1).norm(dim=1)
+            data_free = metrics.data_free_forgetting(pipe.unet, pipe.scheduler, before, after, forget,
+                                                     seed=args.seed)["forget_like_drop"]
             was_forget = preds_b == k
             ok = (p is not None and p >= FLOORS["pul"] and fid_a / fid_b <= FLOORS["u_fid_ratio"]
                   and rk >= FLOORS["retained_kept"] and not col["value"])
@@ -125,11 +127,18 @@ def main(argv=None) -> None:
                    "forget_ratio": report.forget_loss_ratio, "steps": report.steps_run, "secs": secs,
                    "moved_forget": float(moved[was_forget].mean()) if was_forget.any() else float("nan"),
                    "moved_retained": float(moved[~was_forget].mean()),
-                   "collapsed": col["value"], "meets_floors": ok, "stopped_by": report.stopped_by,
+                   "collapsed": col["value"], "meets_floors": ok, "data_free": data_free,
+                   "stopped_by": report.stopped_by,
                    "guard": (report.guard or {}).get("checks", []),
                    "params": {k2: v for k2, v in params.items() if k2 != "method"}}
             rows.append(row)
             print(fmt_row(row), flush=True)
+            for h in report.history:
+                if "still_forget_like" in h:
+                    print(f"    refresh step {h['step']}: {h['still_forget_like']} of {h['forget_like_paths']} "
+                          "forget-like paths still end forget-like"
+                          + (f"; retained ends moved {h['retained_drift_mean']:.2f} on average"
+                             if "retained_drift_mean" in h else ""), flush=True)
             for g in row["guard"]:
                 print(f"    guard step {g['step']}: retained drift {g['retained_drift']:.3f}, "
                       f"forget-like drift {g['forget_like_drift']:.3f}", flush=True)
@@ -144,16 +153,18 @@ def main(argv=None) -> None:
 
 HEADER = (f"| {'digit':>5} | {'method':<16} | {'PUL %':>6} | {'u-FID orig':>10} | {'u-FID unl':>9} | "
           f"{'ratio':>5} | {'ret.kept':>8} | {'top share':>9} | {'forget loss x':>13} | {'steps':>5} | "
-          f"{'time s':>6} | {'moved F/R':>9} | floors |")
+          f"{'time s':>6} | {'moved F/R':>9} | {'data-free drop %':>16} | floors |")
 
 
 def fmt_row(r: dict) -> str:
     pul = f"{r['pul']:.1f}" if r["pul"] is not None else "n/a"
     verdict = "COLLAPSE" if r["collapsed"] else ("yes" if r["meets_floors"] else "no")
+    df = r.get("data_free") or {}
+    drop = f"{df['value']:.1f} ({df['n_before']}->{df['n_after']})" if df.get("computed") else "n/a"
     return (f"| {r['digit']:>5} | {r['method']:<16} | {pul:>6} | {r['u_fid_orig']:>10.2f} | "
             f"{r['u_fid_unl']:>9.2f} | {r['u_fid_unl'] / r['u_fid_orig']:>5.2f} | {r['retained_kept']:>8.3f} | "
             f"{r['largest_share']:>6.3f} ({r['largest_class']}) | {r['forget_ratio']:>13.2f} | {r['steps']:>5} | "
-            f"{r['secs']:>6.0f} | {r['moved_forget']:>4.1f}/{r['moved_retained']:<4.1f} | {verdict} |")
+            f"{r['secs']:>6.0f} | {r['moved_forget']:>4.1f}/{r['moved_retained']:<4.1f} | {drop:>16} | {verdict} |")
 
 
 def render(rows, args, model_dir, hist_b) -> str:
@@ -165,7 +176,7 @@ def render(rows, args, model_dir, hist_b) -> str:
         f"overrides {parse_sets(args.set) or 'none'}; lineage posterior: {args.lineage}",
         "",
         HEADER,
-        "|" + "|".join("---" for _ in range(13)) + "|",
+        "|" + "|".join("---" for _ in range(14)) + "|",
         *[fmt_row(r) for r in rows],
         "",
     ]

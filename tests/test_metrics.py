@@ -315,3 +315,37 @@ def test_format_table_accepts_a_run_record():
     names = [line.split("  ")[0] for line in table.splitlines()]
     assert "0.0 (10 -> 10)" in table and "unlearning" not in names and "evaluation_record" not in table
     assert "100 paired samples, seed 1" in table
+
+
+def _patterns(kind: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """16x16 images in [-1, 1]: a bright block at one of four places (``kind``), plus a little noise."""
+    x = -torch.ones(len(kind), 1, 16, 16)
+    for i, k in enumerate(kind.tolist()):
+        r, c = divmod(int(k), 2)
+        x[i, :, r * 8 + 1 : r * 8 + 7, c * 8 + 1 : c * 8 + 7] = 1.0
+    return (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def test_data_free_forgetting_reads_the_vote_on_the_paired_samples():
+    """Without a classifier: the forget-like share of the original's samples, and how many fewer the unlearned
+    model draws, each unlearned sample voted in place of its paired original one."""
+    from vdu_core.metrics import data_free_forgetting
+
+    unet, sch = dummy_unet(16).eval(), dummy_scheduler()
+    g = torch.Generator().manual_seed(0)
+    i = torch.arange(48)
+    kind = torch.where(i % 8 == 0, 0, 1 + i % 3)  # every eighth sample is of kind 0, the kind to forget
+    before = _patterns(kind, g)
+    forget = _patterns(torch.zeros(12, dtype=torch.long), g)
+    same = data_free_forgetting(unet, sch, before, before.clone(), forget, seed=3)
+    assert same["forget_like_drop"]["value"] == 0.0 and same["moved_other"]["value"] == 0.0
+    assert same["forget_like_drop"]["n_before"] == 6  # exactly the kind-0 samples
+    after = before.clone()
+    after[kind == 0] = _patterns(torch.ones(6, dtype=torch.long), g)  # they now draw kind 1
+    res = data_free_forgetting(unet, sch, before, after, forget, seed=3)
+    rec = res["forget_like_drop"]
+    assert (rec["value"], rec["n_after"], rec["seed"]) == (100.0, 0, 3)
+    assert res["moved_forget_like"]["value"] > 0.5 and res["moved_other"]["value"] == 0.0
+    json.dumps(res)
+    far = data_free_forgetting(unet, sch, before[kind != 0], before[kind != 0], forget, seed=3)
+    assert far["forget_like_drop"]["computed"] is False and "none" in far["forget_like_drop"]["reason"]

@@ -201,3 +201,17 @@ def test_push_refresh_needs_the_trajectory_target():
         UnlearnConfig.from_dict({"plasticity_target": "negative_guidance", "push_refresh_every": 50})
     assert e.value.field == "params.push_refresh_every"
     assert UnlearnConfig.from_dict({"push_refresh_every": 50}).push_refresh_every == 50
+
+
+def test_anchor_focus_draws_part_of_the_anchors_from_the_paths_that_moved_most(tiny_scheduler):
+    unet = make_tiny_unet().eval()
+    tr, forget = _forget_from_own(unet, tiny_scheduler)
+    other = make_tiny_unet(seed=123).eval()
+    counts = tr.refresh(other, unet, tiny_scheduler, drift_share=0.1)
+    ret = tr.retained_idx
+    assert len(tr.drifted) == round(0.1 * len(ret)) and set(tr.drifted.tolist()) <= set(ret.tolist())
+    assert counts["drifted_min"] > 0 and counts["retained_drift_mean"] > 0
+    trained = make_tiny_unet()
+    report = loop.unlearn(trained, tiny_scheduler, forget, _cfg(steps=12, push_refresh_every=5, anchor_focus=0.5),
+                          trajectories=tr)
+    assert [h["step"] for h in report.history if "retained_drift_mean" in h] == [5, 10]

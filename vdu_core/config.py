@@ -177,6 +177,17 @@ class UnlearnConfig(_Validated):
         doc="trajectory: every this many steps, re-draw the forget-like paths with the model being trained and "
             "push only those the vote still calls forget-like (0: push them all to the end)",
     )
+    push_targets: Literal["retained", "clear"] = _spec(
+        "retained",
+        doc="trajectory: the ends the push target's denoiser is built from: every retained path's, or only those "
+            "with no forget image among their nearest neighbours ('clear': a forget-class sample the vote missed "
+            "is not a target)",
+    )
+    anchor_focus: float = _spec(
+        0.0, ge=0.0, lt=1.0,
+        doc="trajectory with push_refresh_every: share of each anchor batch drawn from the tenth of the retained "
+            "paths whose ends, re-drawn at the last refresh, moved most",
+    )
     trajectory_steps: int = _spec(25, ge=2, le=1000, doc="trajectory: DDIM steps of the recorded paths")
     guidance_weighting: Literal["uniform", "posterior", "odds"] = _spec(
         "posterior",

@@ -14,6 +14,7 @@ method reports each of its terms separately.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -207,7 +208,7 @@ class VDU(UnlearningMethod):
         every, tr = self.config.push_refresh_every, ctx.trajectories
         if tr is None or every == 0 or step % every or step >= self.config.steps:
             return {}
-        return tr.refresh(ctx.unet, ctx.original, ctx.scheduler)
+        return tr.refresh(ctx.unet, ctx.original, ctx.scheduler, drift_share=0.1 if self.config.anchor_focus else 0.0)
 
     def _add_laplace(self, ctx, loss: torch.Tensor, report: dict) -> Terms:
         if ctx.laplace is not None:
@@ -241,7 +242,8 @@ class VDU(UnlearningMethod):
         else:  # every forget-like path already ends elsewhere (push_refresh_every): nothing to push now
             x_t = None
         if x_t is not None:
-            target = push_target(x_t, t, eps0, tr.ends[r_idx].to(dev), ctx.scheduler, cfg.guidance_scale)
+            targets = tr.clear_idx if cfg.push_targets == "clear" else r_idx
+            target = push_target(x_t, t, eps0, tr.ends[targets].to(dev), ctx.scheduler, cfg.guidance_scale)
             push = per_sample_mse(ctx.unet(x_t, t).sample, target).mean()
         else:
             push = torch.zeros((), device=dev)
@@ -249,6 +251,9 @@ class VDU(UnlearningMethod):
         report = {"push": float(push.detach())}
         if cfg.anchor_weight > 0:
             i = r_idx[torch.randint(0, len(r_idx), (n,), generator=g)]
+            if tr.drifted is not None and cfg.anchor_focus > 0:  # part of the batch on the paths that moved most
+                m = round(cfg.anchor_focus * n)
+                i[:m] = tr.drifted[torch.randint(0, len(tr.drifted), (m,), generator=g)]
             k = torch.randint(0, len(tr.t), (n,), generator=g)
             per = per_sample_mse(ctx.unet(tr.x[k, i].to(dev), tr.t[k].to(dev)).sample, tr.eps[k, i].to(dev))
             fs = (tr.step_weight[k].to(dev) * per).mean()
@@ -378,7 +383,7 @@ def noised_mid_features(unet, scheduler, x: torch.Tensor, t: int, generator: tor
         x0 = x[i : i + batch_size]
         tt = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
         n = torch.randn(x0.shape, generator=generator) if noise is None else noise[i : i + batch_size]
-        x_t = scheduler.add_noise(x0, n.to(x0.device), tt)
+        x_t = scheduler.add_noise(x0.float(), n.to(x0.device), tt).to(next(unet.parameters()).dtype)
         with mid_block_output(unet) as mid:
             unet(x_t, tt)
         out.append(flat_features(mid["out"]))
@@ -409,14 +414,21 @@ class ForgetVote:
             return torch.nn.functional.normalize(x.float().flatten(1), dim=1)
         return noised_mid_features(unet, scheduler, x, self.t, generator, noise=noise)
 
+    def _count(self, d_forget: torch.Tensor, d_own: torch.Tensor) -> torch.Tensor:
+        return (torch.cat([d_forget, d_own], 1).topk(self.k, largest=False).indices < len(self.ff)).sum(1).cpu()
+
     def _vote(self, d_forget: torch.Tensor, d_own: torch.Tensor) -> torch.Tensor:
-        c_f = (torch.cat([d_forget, d_own], 1).topk(self.k, largest=False).indices < len(self.ff)).sum(1)
-        return (c_f >= self.bar).cpu()
+        return self._count(d_forget, d_own) >= self.bar
+
+    @functools.cached_property
+    def counts(self) -> torch.Tensor:
+        """How many of each own sample's ``k`` nearest neighbours are forget images (its own entry left out)."""
+        return self._count(torch.cdist(self.fo, self.ff), torch.cdist(self.fo, self.fo).fill_diagonal_(float("inf")))
 
     @property
     def labels(self) -> torch.Tensor:
-        """True where an own sample is forget-like (its own entry left out of its neighbours)."""
-        return self._vote(torch.cdist(self.fo, self.ff), torch.cdist(self.fo, self.fo).fill_diagonal_(float("inf")))
+        """True where an own sample is forget-like: at least ``bar`` forget images among its neighbours."""
+        return self.counts >= self.bar
 
     @torch.no_grad()
     def label(self, unet, scheduler, x: torch.Tensor, replaces: torch.Tensor) -> torch.Tensor:

@@ -504,6 +504,45 @@ def forget_set_loss(
 # --- Collapse ------------------------------------------------------------------------------------
 
 
+def data_free_forgetting(unet, scheduler, before: torch.Tensor, after: torch.Tensor, forget: torch.Tensor, *,
+                         seed: int | None = None) -> dict[str, dict[str, Any]]:
+    """Evidence without a classifier: the data-free vote of the trajectory target (``methods.ForgetVote``, k-NN in
+    the *original* model's mid-block features; pixels for a model without one) on the paired samples.
+
+    ``forget_like_drop``: of the original's samples the vote calls forget-like (at least ``bar`` forget images
+    among their 10 nearest of the forget images and the original's other samples), the share fewer the unlearned
+    model draws — the classifier-free counterpart of PUL (each unlearned sample is voted standing in for its
+    paired original one). ``moved_forget_like`` / ``moved_other``: the mean RMS pixel change of the paired
+    samples the vote calls forget-like / not, before.
+    """
+    from vdu_core.methods import ForgetVote
+
+    b, a = before.float(), after.float()
+    impl = ("data-free k-NN vote (k 10) in the original model's mid-block features at t = 0.2 T, against the "
+            "forget images and the original's own paired samples; each unlearned sample voted in place of its "
+            "paired original one")
+    vote = ForgetVote(unet, scheduler, b.to(forget.device), forget, seed=seed or 0)
+    fl_b = vote.labels
+    fl_a = vote.label(unet, scheduler, a.to(forget.device), torch.arange(len(a)))
+    n_b, n_a = int(fl_b.sum()), int(fl_a.sum())
+    rec = {"implementation": impl, "num_samples": len(b), "seed": seed, "n_before": n_b, "n_after": n_a,
+           "bar": int(vote.bar), "num_forget_images": len(forget)}
+    out: dict[str, dict[str, Any]] = {}
+    if n_b == 0:
+        out["forget_like_drop"] = {**_not_computed(impl, "the vote calls none of the original's samples "
+                                                         "forget-like"), **rec}
+    else:
+        out["forget_like_drop"] = {"value": 100.0 * (n_b - n_a) / n_b, "computed": True, "unit": "%", **rec}
+    rms = (a - b).flatten(1).pow(2).mean(1).sqrt()
+    moved_impl = "mean over paired samples of the RMS pixel change (images in [-1, 1])"
+    for key, mask in (("moved_forget_like", fl_b), ("moved_other", ~fl_b)):
+        n = int(mask.sum())
+        out[key] = ({"value": float(rms[mask].mean()), "computed": True, "implementation": moved_impl, "seed": seed,
+                     "num_samples": n} if n else
+                    {**_not_computed(moved_impl, "no such paired sample"), "seed": seed, "num_samples": 0})
+    return out
+
+
 def collapse_check(
     before_preds,
     after_preds,
@@ -674,6 +713,13 @@ def evaluate(
         m["forget_loss_ratio"] = {"value": _num(ratio), **common,
                                   "implementation": "forget_loss_after / forget_loss_before (same noise)"}
 
+        t0 = time.perf_counter()
+        progress("data_free", 0, 1)
+        m.update(data_free_forgetting(original_pipe.unet, sched, samples["original"], samples["unlearned"],
+                                      forget_images.to(_device_of(original_pipe.unet)), seed=seed))
+        progress("data_free", 1, 1)
+        timings["data_free"] = round(time.perf_counter() - t0, 3)
+
     classifier_keys = ("pul", "retained_kept", "largest_class_share_before", "largest_class_share_after",
                        "confidence_before", "confidence_after", "u_fid_original", "u_fid_unlearned",
                        "u_fid_ratio", "collapse")
@@ -774,6 +820,9 @@ _TABLE_ROWS = (
     ("forget_loss_before", "forget-set loss, original"),
     ("forget_loss_after", "forget-set loss, unlearned"),
     ("forget_loss_ratio", "forget-set loss ratio"),
+    ("forget_like_drop", "forget-like drop (%), data-free"),
+    ("moved_forget_like", "moved, forget-like samples (RMS)"),
+    ("moved_other", "moved, other samples (RMS)"),
     ("collapse", "collapse"),
 )
 
@@ -788,7 +837,7 @@ def _fmt_value(key: str, rec: dict) -> str:
         return f"{v:.3f} (class {rec['class']})"
     if key.startswith("confidence"):
         return f"{v:.3f} ({rec['confident_share']:.0%} >= {CONFIDENT_THRESHOLD})"
-    if key == "pul":
+    if key in ("pul", "forget_like_drop"):
         return f"{v:.1f} ({rec['n_before']} -> {rec['n_after']})"
     if isinstance(v, float):
         return f"{v:.4g}"

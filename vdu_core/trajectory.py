@@ -40,6 +40,7 @@ class Trajectories:
     step_weight: torch.Tensor
     vote: object = None  # the methods.ForgetVote that labelled the ends (its pool labels re-drawn ones)
     pushed: torch.Tensor | None = None  # forget-like paths still pushed (push_refresh_every); None: all
+    drifted: torch.Tensor | None = None  # retained paths whose re-drawn ends moved most (anchor_focus)
 
     @property
     def forget_idx(self) -> torch.Tensor:
@@ -51,6 +52,15 @@ class Trajectories:
     def retained_idx(self) -> torch.Tensor:
         return (~self.forget_like).nonzero().flatten()
 
+    @property
+    def clear_idx(self) -> torch.Tensor:
+        """The retained paths whose ends have no forget image among their nearest neighbours (all the retained
+        ones when no vote is kept, or when none is clear)."""
+        if self.vote is None:
+            return self.retained_idx
+        clear = (self.vote.counts == 0) & ~self.forget_like
+        return clear.nonzero().flatten() if bool(clear.any()) else self.retained_idx
+
     def band(self, low: int, high: int) -> torch.Tensor:
         """Indices of the steps with ``low <= t < high`` (at least the one nearest the band's middle)."""
         k = ((self.t >= low) & (self.t < high)).nonzero().flatten()
@@ -59,21 +69,30 @@ class Trajectories:
         return k
 
     @torch.no_grad()
-    def refresh(self, unet, original, scheduler) -> dict:
+    def refresh(self, unet, original, scheduler, drift_share: float = 0.0) -> dict:
         """Re-draw every forget-like path from its starting noise with the model being trained (``unet``) and
         keep pushing only those whose new end the vote, in the ``original``'s features, still calls
         forget-like: a path is pushed until it stops ending forget-like and no further (and again should it
-        drift back). Returns the counts."""
+        drift back). With ``drift_share`` > 0 the retained paths are re-drawn too, and that share of them
+        whose ends moved most becomes ``drifted``. Returns the counts."""
         from vdu_core.sampling import sample_from
 
+        out = {}
         idx = self.forget_like.nonzero().flatten()
-        if self.vote is None or len(idx) == 0:
-            return {}
-        ends = sample_from(unet, scheduler, self.x[0, idx], steps=len(self.t))
-        still = self.vote.label(original, scheduler, ends.to(self.vote.ff.device), idx)
-        self.pushed = torch.zeros_like(self.forget_like)
-        self.pushed[idx] = still
-        return {"forget_like_paths": len(idx), "still_forget_like": int(still.sum())}
+        if self.vote is not None and len(idx):
+            ends = sample_from(unet, scheduler, self.x[0, idx], steps=len(self.t))
+            still = self.vote.label(original, scheduler, ends.to(self.vote.ff.device), idx)
+            self.pushed = torch.zeros_like(self.forget_like)
+            self.pushed[idx] = still
+            out = {"forget_like_paths": len(idx), "still_forget_like": int(still.sum())}
+        ret = self.retained_idx
+        if drift_share > 0 and len(ret):
+            ends = sample_from(unet, scheduler, self.x[0, ret], steps=len(self.t))
+            drift = (ends - self.ends[ret]).flatten(1).norm(dim=1)
+            n = max(1, round(drift_share * len(ret)))
+            self.drifted = ret[drift.topk(n).indices]
+            out.update(retained_drift_mean=float(drift.mean()), drifted_min=float(drift.topk(n).values[-1]))
+        return out
 
     def summary(self) -> dict:
         return {"generated": len(self.ends), "forget_like": int(self.forget_like.sum()),
