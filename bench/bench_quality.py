@@ -133,12 +133,6 @@ def main(argv=None) -> None:
                    "params": {k2: v for k2, v in params.items() if k2 != "method"}}
             rows.append(row)
             print(fmt_row(row), flush=True)
-            for h in report.history:
-                if "still_forget_like" in h:
-                    print(f"    refresh step {h['step']}: {h['still_forget_like']} of {h['forget_like_paths']} "
-                          "forget-like paths still end forget-like"
-                          + (f"; retained ends moved {h['retained_drift_mean']:.2f} on average"
-                             if "retained_drift_mean" in h else ""), flush=True)
             for g in row["guard"]:
                 print(f"    guard step {g['step']}: retained drift {g['retained_drift']:.3f}, "
                       f"forget-like drift {g['forget_like_drift']:.3f}", flush=True)

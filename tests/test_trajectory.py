@@ -153,65 +153,19 @@ def test_recording_the_paths_is_reported_and_cancellable(tiny_scheduler):
         unlearn_model(unet, tiny_scheduler, forget, cfg, should_cancel=lambda: True)
 
 
-def _forget_from_own(unet, scheduler, n=60, n_forget=3):
-    """Paths of ``unet`` whose forget set is many copies of the ends of the first ``n_forget`` of them."""
-    own = sample_images(unet, scheduler, n, seed=0, steps=10)
-    forget = own[:n_forget].repeat(5, 1, 1, 1)
-    return trajectory.build(unet, scheduler, forget, n, seed=0, steps=10), forget
 
+def test_the_vote_labels_new_samples_against_the_same_pool(tiny_scheduler):
+    from vdu_core.methods import ForgetVote
 
-def test_the_vote_labels_re_drawn_samples_against_the_same_pool(tiny_scheduler):
     unet = make_tiny_unet().eval()
-    tr, forget = _forget_from_own(unet, tiny_scheduler)
-    assert tr.forget_like[:3].all() and tr.forget_like.sum() < len(tr.forget_like) / 2
-    idx = torch.arange(len(tr.ends))
+    own = sample_images(unet, tiny_scheduler, 60, seed=0, steps=10)
+    forget = own[:3].repeat(5, 1, 1, 1)  # the first three ends, five times each
+    vote = ForgetVote(unet, tiny_scheduler, own, forget)
+    labels = vote.labels
+    assert labels[:3].all() and labels.sum() < len(labels) / 2
     # an own sample standing in for itself keeps its label; a forget image standing in for a retained one is
     # forget-like; a retained end standing in for a forget-like one is not
-    assert torch.equal(tr.vote.label(unet, tiny_scheduler, tr.ends, idx), tr.forget_like)
-    r = tr.retained_idx[:3]
-    assert tr.vote.label(unet, tiny_scheduler, forget[:3], r).all()
-    assert not tr.vote.label(unet, tiny_scheduler, tr.ends[r], tr.forget_idx[:3]).any()
-
-
-def test_refresh_keeps_pushing_only_the_paths_that_still_end_forget_like(tiny_scheduler):
-    unet = make_tiny_unet().eval()
-    tr, _ = _forget_from_own(unet, tiny_scheduler)
-    n_f = int(tr.forget_like.sum())
-    assert tr.refresh(unet, unet, tiny_scheduler) == {"forget_like_paths": n_f, "still_forget_like": n_f}
-    assert torch.equal(tr.forget_idx, tr.forget_like.nonzero().flatten())
-    other = make_tiny_unet(seed=123).eval()  # a model whose paths end elsewhere
-    counts = tr.refresh(other, unet, tiny_scheduler)
-    assert counts["still_forget_like"] < n_f and len(tr.forget_idx) == counts["still_forget_like"]
-    assert torch.equal(tr.retained_idx, (~tr.forget_like).nonzero().flatten())  # the anchors do not change
-
-
-def test_the_loop_refreshes_the_pushed_paths_and_stops_pushing_when_none_is_left(tiny_scheduler):
-    unet = make_tiny_unet()
-    tr, forget = _forget_from_own(unet.eval(), tiny_scheduler)
-    report = loop.unlearn(unet, tiny_scheduler, forget, _cfg(steps=12, push_refresh_every=5), trajectories=tr)
-    refreshed = [h["step"] for h in report.history if "still_forget_like" in h]
-    assert refreshed == [5, 10]
-    tr.pushed = torch.zeros_like(tr.forget_like)  # every forget-like path already ends elsewhere
-    report = loop.unlearn(unet, tiny_scheduler, forget, _cfg(steps=3), trajectories=tr)
-    assert [h["push"] for h in report.history] == [0.0, 0.0, 0.0] and report.history[-1]["function_space"] > 0
-
-
-def test_push_refresh_needs_the_trajectory_target():
-    with pytest.raises(ConfigError) as e:
-        UnlearnConfig.from_dict({"plasticity_target": "negative_guidance", "push_refresh_every": 50})
-    assert e.value.field == "params.push_refresh_every"
-    assert UnlearnConfig.from_dict({"push_refresh_every": 50}).push_refresh_every == 50
-
-
-def test_anchor_focus_draws_part_of_the_anchors_from_the_paths_that_moved_most(tiny_scheduler):
-    unet = make_tiny_unet().eval()
-    tr, forget = _forget_from_own(unet, tiny_scheduler)
-    other = make_tiny_unet(seed=123).eval()
-    counts = tr.refresh(other, unet, tiny_scheduler, drift_share=0.1)
-    ret = tr.retained_idx
-    assert len(tr.drifted) == round(0.1 * len(ret)) and set(tr.drifted.tolist()) <= set(ret.tolist())
-    assert counts["drifted_min"] > 0 and counts["retained_drift_mean"] > 0
-    trained = make_tiny_unet()
-    report = loop.unlearn(trained, tiny_scheduler, forget, _cfg(steps=12, push_refresh_every=5, anchor_focus=0.5),
-                          trajectories=tr)
-    assert [h["step"] for h in report.history if "retained_drift_mean" in h] == [5, 10]
+    assert torch.equal(vote.label(unet, tiny_scheduler, own, torch.arange(len(own))), labels)
+    r, f = (~labels).nonzero().flatten()[:3], labels.nonzero().flatten()[:3]
+    assert vote.label(unet, tiny_scheduler, forget[:3], r).all()
+    assert not vote.label(unet, tiny_scheduler, own[r], f).any()

@@ -172,22 +172,6 @@ class UnlearnConfig(_Validated):
         None, ge=0.0, le=1.0, factory=lambda: [0.3, 0.7],
         doc="trajectory: the noise levels pushed, [low, high) as fractions of the training timesteps",
     )
-    push_refresh_every: int = _spec(
-        0, ge=0, le=MAX_STEPS,
-        doc="trajectory: every this many steps, re-draw the forget-like paths with the model being trained and "
-            "push only those the vote still calls forget-like (0: push them all to the end)",
-    )
-    push_targets: Literal["retained", "clear"] = _spec(
-        "retained",
-        doc="trajectory: the ends the push target's denoiser is built from: every retained path's, or only those "
-            "with no forget image among their nearest neighbours ('clear': a forget-class sample the vote missed "
-            "is not a target)",
-    )
-    anchor_focus: float = _spec(
-        0.0, ge=0.0, lt=1.0,
-        doc="trajectory with push_refresh_every: share of each anchor batch drawn from the tenth of the retained "
-            "paths whose ends, re-drawn at the last refresh, moved most",
-    )
     trajectory_steps: int = _spec(25, ge=2, le=1000, doc="trajectory: DDIM steps of the recorded paths")
     guidance_weighting: Literal["uniform", "posterior", "odds"] = _spec(
         "posterior",
@@ -283,9 +267,6 @@ class UnlearnConfig(_Validated):
             if self.self_forget_fraction != 0.0:
                 raise ConfigError(f"self_forget_fraction is a part of method 'vdu' only, not {self.method!r}",
                                   field=f"{prefix}.self_forget_fraction")
-        if self.plasticity_target != "trajectory" and self.push_refresh_every != 0:
-            raise ConfigError("push_refresh_every re-draws the trajectory target's paths: it needs "
-                              "plasticity_target 'trajectory'", field=f"{prefix}.push_refresh_every")
         if self.plasticity_target == "trajectory":
             low, high = (self.push_band + [None, None])[:2]
             if len(self.push_band) != 2 or not low < high:

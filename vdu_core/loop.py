@@ -244,7 +244,6 @@ def unlearn(
         opt.step()
         if schedule is not None:
             schedule.step()
-        losses.update(method.after_step(ctx, step))
         if step % config.probe_every == 0 or step == config.steps:
             ratio = probe.loss(unet) / max(p0, 1e-12)
         elapsed = time.time() - t_start

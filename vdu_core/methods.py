@@ -92,10 +92,6 @@ class UnlearningMethod:
     def check_model(self, unet) -> None:
         """Refuse, with a ``ConfigError`` naming the parameter, a model this configuration cannot use."""
 
-    def after_step(self, ctx, step: int) -> dict:
-        """Called by the loop after each optimiser step; what it returns joins the step's history."""
-        return {}
-
 
 def _plasticity(ctx, batch: ForgetBatch) -> tuple[torch.Tensor, torch.Tensor]:
     pred = ctx.unet(batch.x_t, batch.t).sample
@@ -204,12 +200,6 @@ class VDU(UnlearningMethod):
             report["function_space"] = float(fs.detach())
         return self._add_laplace(ctx, loss, report)
 
-    def after_step(self, ctx, step: int) -> dict:
-        every, tr = self.config.push_refresh_every, ctx.trajectories
-        if tr is None or every == 0 or step % every or step >= self.config.steps:
-            return {}
-        return tr.refresh(ctx.unet, ctx.original, ctx.scheduler, drift_share=0.1 if self.config.anchor_focus else 0.0)
-
     def _add_laplace(self, ctx, loss: torch.Tensor, report: dict) -> Terms:
         if ctx.laplace is not None:
             lap = ctx.laplace.penalty()
@@ -234,26 +224,17 @@ class VDU(UnlearningMethod):
             i = f_idx[torch.randint(0, len(f_idx), (n,), generator=g)]
             k = band[torch.randint(0, len(band), (n,), generator=g)]
             x_t, t, eps0 = tr.x[k, i].to(dev), tr.t[k].to(dev), tr.eps[k, i].to(dev)
-        elif not bool(tr.forget_like.any()):
+        else:
             t = tr.t[band[torch.randint(0, len(band), (len(batch.x0),), generator=g)]].to(dev)
             x_t = ctx.scheduler.add_noise(batch.x0, batch.noise, t)
             with torch.no_grad():
                 eps0 = ctx.original(x_t, t).sample
-        else:  # every forget-like path already ends elsewhere (push_refresh_every): nothing to push now
-            x_t = None
-        if x_t is not None:
-            targets = tr.clear_idx if cfg.push_targets == "clear" else r_idx
-            target = push_target(x_t, t, eps0, tr.ends[targets].to(dev), ctx.scheduler, cfg.guidance_scale)
-            push = per_sample_mse(ctx.unet(x_t, t).sample, target).mean()
-        else:
-            push = torch.zeros((), device=dev)
+        target = push_target(x_t, t, eps0, tr.ends[r_idx].to(dev), ctx.scheduler, cfg.guidance_scale)
+        push = per_sample_mse(ctx.unet(x_t, t).sample, target).mean()
         loss = (1.0 - cfg.gamma) * push
         report = {"push": float(push.detach())}
         if cfg.anchor_weight > 0:
             i = r_idx[torch.randint(0, len(r_idx), (n,), generator=g)]
-            if tr.drifted is not None and cfg.anchor_focus > 0:  # part of the batch on the paths that moved most
-                m = round(cfg.anchor_focus * n)
-                i[:m] = tr.drifted[torch.randint(0, len(tr.drifted), (m,), generator=g)]
             k = torch.randint(0, len(tr.t), (n,), generator=g)
             per = per_sample_mse(ctx.unet(tr.x[k, i].to(dev), tr.t[k].to(dev)).sample, tr.eps[k, i].to(dev))
             fs = (tr.step_weight[k].to(dev) * per).mean()
@@ -392,9 +373,9 @@ def noised_mid_features(unet, scheduler, x: torch.Tensor, t: int, generator: tor
 
 class ForgetVote:
     """The data-free vote (``forget_like_vote``) with its pool kept: the original model's features of the forget
-    images and of its own samples, and the noise each own sample was read with, so that later samples (the same
-    paths re-drawn by a changed model) are labelled against the same pool and bar — an unchanged sample
-    exactly as before. ``labels`` is the vote on the own samples themselves."""
+    images and of its own samples, and the noise each own sample was read with, so that later samples (e.g. the
+    unlearned model's, from the same seeds: ``metrics.data_free_forgetting``) are labelled against the same pool
+    and bar — an unchanged sample exactly as before. ``labels`` is the vote on the own samples themselves."""
 
     @torch.no_grad()
     def __init__(self, unet, scheduler, own: torch.Tensor, forget: torch.Tensor, k: int = FEATURE_K,

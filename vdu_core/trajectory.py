@@ -38,28 +38,14 @@ class Trajectories:
     ends: torch.Tensor
     forget_like: torch.Tensor
     step_weight: torch.Tensor
-    vote: object = None  # the methods.ForgetVote that labelled the ends (its pool labels re-drawn ones)
-    pushed: torch.Tensor | None = None  # forget-like paths still pushed (push_refresh_every); None: all
-    drifted: torch.Tensor | None = None  # retained paths whose re-drawn ends moved most (anchor_focus)
 
     @property
     def forget_idx(self) -> torch.Tensor:
-        """The forget-like paths pushed now (all of them unless ``refresh`` dropped some)."""
-        keep = self.forget_like if self.pushed is None else self.forget_like & self.pushed
-        return keep.nonzero().flatten()
+        return self.forget_like.nonzero().flatten()
 
     @property
     def retained_idx(self) -> torch.Tensor:
         return (~self.forget_like).nonzero().flatten()
-
-    @property
-    def clear_idx(self) -> torch.Tensor:
-        """The retained paths whose ends have no forget image among their nearest neighbours (all the retained
-        ones when no vote is kept, or when none is clear)."""
-        if self.vote is None:
-            return self.retained_idx
-        clear = (self.vote.counts == 0) & ~self.forget_like
-        return clear.nonzero().flatten() if bool(clear.any()) else self.retained_idx
 
     def band(self, low: int, high: int) -> torch.Tensor:
         """Indices of the steps with ``low <= t < high`` (at least the one nearest the band's middle)."""
@@ -67,32 +53,6 @@ class Trajectories:
         if len(k) == 0:
             k = (self.t - (low + high) // 2).abs().argmin().view(1)
         return k
-
-    @torch.no_grad()
-    def refresh(self, unet, original, scheduler, drift_share: float = 0.0) -> dict:
-        """Re-draw every forget-like path from its starting noise with the model being trained (``unet``) and
-        keep pushing only those whose new end the vote, in the ``original``'s features, still calls
-        forget-like: a path is pushed until it stops ending forget-like and no further (and again should it
-        drift back). With ``drift_share`` > 0 the retained paths are re-drawn too, and that share of them
-        whose ends moved most becomes ``drifted``. Returns the counts."""
-        from vdu_core.sampling import sample_from
-
-        out = {}
-        idx = self.forget_like.nonzero().flatten()
-        if self.vote is not None and len(idx):
-            ends = sample_from(unet, scheduler, self.x[0, idx], steps=len(self.t))
-            still = self.vote.label(original, scheduler, ends.to(self.vote.ff.device), idx)
-            self.pushed = torch.zeros_like(self.forget_like)
-            self.pushed[idx] = still
-            out = {"forget_like_paths": len(idx), "still_forget_like": int(still.sum())}
-        ret = self.retained_idx
-        if drift_share > 0 and len(ret):
-            ends = sample_from(unet, scheduler, self.x[0, ret], steps=len(self.t))
-            drift = (ends - self.ends[ret]).flatten(1).norm(dim=1)
-            n = max(1, round(drift_share * len(ret)))
-            self.drifted = ret[drift.topk(n).indices]
-            out.update(retained_drift_mean=float(drift.mean()), drifted_min=float(drift.topk(n).values[-1]))
-        return out
 
     def summary(self) -> dict:
         return {"generated": len(self.ends), "forget_like": int(self.forget_like.sum()),
@@ -128,15 +88,14 @@ def record(unet, scheduler, n: int, seed: int, steps: int = 25, batch_size: int 
 def build(unet, scheduler, forget: torch.Tensor, n: int, seed: int, steps: int = 25,
           on_batch: Callable[[int, int], None] | None = None) -> Trajectories:
     """Record ``n`` of the model's own paths and label each by the data-free vote on its end."""
-    from vdu_core.methods import ForgetVote
+    from vdu_core.methods import forget_like_vote
 
     x, eps, t, ends = record(unet, scheduler, n, seed, steps, on_batch=on_batch)
-    vote = ForgetVote(unet, scheduler, ends.to(forget.device), forget, seed=seed)
-    forget_like = vote.labels
+    forget_like = forget_like_vote(unet, scheduler, ends.to(forget.device), forget, seed=seed).cpu()
     if bool(forget_like.all()):
         raise ForgetSetError(f"all {n} of the model's own samples look like the forget set: unlearning it would "
                              "leave nothing the model generates to keep", rule="forget_set_covers_model")
-    return Trajectories(x, eps, t, ends, forget_like, sampler_step_weights(scheduler, t, steps), vote=vote)
+    return Trajectories(x, eps, t, ends, forget_like, sampler_step_weights(scheduler, t, steps))
 
 
 def for_config(unet, scheduler, forget: torch.Tensor, config, should_cancel: Callable[[], bool] | None = None,

@@ -26,5 +26,4 @@ images, labels = load_mnist_5k()
 forget = images[labels == digit][:100]
 cfg = UnlearnConfig.from_dict({"method": "vdu", **params})
 if VOTE_BAR != 3:  # study only: the training labels' bar (forget images among the 10 nearest neighbours)
-    _init = methods.ForgetVote.__init__
-    methods.ForgetVote.__init__ = functools.partialmethod(_init, min_forget=VOTE_BAR)
+    methods.forget_like_vote = functools.partial(methods.forget_like_vote, min_forget=VOTE_BAR)
