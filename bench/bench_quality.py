@@ -94,7 +94,7 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     before = sample_images(pipe.unet, pipe.scheduler, args.samples, seed=args.seed, steps=args.sample_steps)
-    preds_b, _ = metrics.classify(classifier, before)
+    preds_b, conf_b = metrics.classify(classifier, before)
     t_before = time.time() - t0
     hist_b = metrics.class_histogram(preds_b, 10)
     print(f"{model_dir.name}: original class histogram over {args.samples} samples: {hist_b} "
@@ -112,6 +112,8 @@ def main(argv=None) -> None:
             after = sample_images(unet, pipe.scheduler, args.samples, seed=args.seed, steps=args.sample_steps)
             preds_a, _ = metrics.classify(classifier, after)
             p = metrics.pul(preds_b, preds_a, k)["value"]
+            sure = conf_b >= 0.9  # PUL on the forget-class samples the classifier was sure of
+            p_sure = metrics.pul(preds_b[sure], preds_a[sure], k)
             rk = metrics.retained_kept(preds_b, preds_a, k)["value"]
             share = metrics.largest_class_share(preds_a, num_classes=10)
             fid_a = metrics.u_fid(after, real_stats, classifier)["value"]
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
                    "forget_ratio": report.forget_loss_ratio, "steps": report.steps_run, "secs": secs,
                    "moved_forget": float(moved[was_forget].mean()) if was_forget.any() else float("nan"),
                    "moved_retained": float(moved[~was_forget].mean()),
-                   "collapsed": col["value"], "meets_floors": ok, "data_free": data_free,
+                   "collapsed": col["value"], "meets_floors": ok, "data_free": data_free, "pul_sure": p_sure,
                    "stopped_by": report.stopped_by,
                    "guard": (report.guard or {}).get("checks", []),
                    "params": {k2: v for k2, v in params.items() if k2 != "method"}}
@@ -147,7 +149,7 @@ def main(argv=None) -> None:
 
 HEADER = (f"| {'digit':>5} | {'method':<16} | {'PUL %':>6} | {'u-FID orig':>10} | {'u-FID unl':>9} | "
           f"{'ratio':>5} | {'ret.kept':>8} | {'top share':>9} | {'forget loss x':>13} | {'steps':>5} | "
-          f"{'time s':>6} | {'moved F/R':>9} | {'data-free drop %':>16} | floors |")
+          f"{'time s':>6} | {'moved F/R':>9} | {'data-free drop %':>16} | {'PUL % (conf ≥ 0.9)':>18} | floors |")
 
 
 def fmt_row(r: dict) -> str:
@@ -155,10 +157,13 @@ def fmt_row(r: dict) -> str:
     verdict = "COLLAPSE" if r["collapsed"] else ("yes" if r["meets_floors"] else "no")
     df = r.get("data_free") or {}
     drop = f"{df['value']:.1f} ({df['n_before']}->{df['n_after']})" if df.get("computed") else "n/a"
+    ps = r.get("pul_sure") or {}
+    sure = f"{ps['value']:.1f} ({ps['n_before']}->{ps['n_after']})" if ps.get("computed") else "n/a"
     return (f"| {r['digit']:>5} | {r['method']:<16} | {pul:>6} | {r['u_fid_orig']:>10.2f} | "
             f"{r['u_fid_unl']:>9.2f} | {r['u_fid_unl'] / r['u_fid_orig']:>5.2f} | {r['retained_kept']:>8.3f} | "
             f"{r['largest_share']:>6.3f} ({r['largest_class']}) | {r['forget_ratio']:>13.2f} | {r['steps']:>5} | "
-            f"{r['secs']:>6.0f} | {r['moved_forget']:>4.1f}/{r['moved_retained']:<4.1f} | {drop:>16} | {verdict} |")
+            f"{r['secs']:>6.0f} | {r['moved_forget']:>4.1f}/{r['moved_retained']:<4.1f} | {drop:>16} | {sure:>18} | "
+            f"{verdict} |")
 
 
 def render(rows, args, model_dir, hist_b) -> str:
@@ -170,7 +175,7 @@ def render(rows, args, model_dir, hist_b) -> str:
         f"overrides {parse_sets(args.set) or 'none'}; lineage posterior: {args.lineage}",
         "",
         HEADER,
-        "|" + "|".join("---" for _ in range(14)) + "|",
+        "|" + "|".join("---" for _ in range(15)) + "|",
         *[fmt_row(r) for r in rows],
         "",
     ]
