@@ -1,28 +1,17 @@
 """Which of the model's own samples of a class does the vote miss? Confidence of the evaluation's classifier
 (study only) on the job's own 1,024 paths (seed 0, DDIM-25) of each digit, caught vs missed by the vote.
 
-    OMP_NUM_THREADS=1 python bench/study7/missed.py [MODEL]
+    OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/study7/missed.py [MODEL]
 """
 
-import os
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-from diffusers import DDPMPipeline  # noqa: E402
+from common import own_paths
 
-from vdu_core import metrics  # noqa: E402
-from vdu_core.methods import ForgetVote  # noqa: E402
-from vdu_core.reference import REFERENCE_DIR, load_mnist_5k  # noqa: E402
-from vdu_core.sampling import sample_images  # noqa: E402
+from vdu_core.methods import ForgetVote
 
 model = sys.argv[1] if len(sys.argv) > 1 else "mnist-ddpm"
-pipe = DDPMPipeline.from_pretrained(REFERENCE_DIR / model, use_safetensors=True)
-unet, sch = pipe.unet.eval(), pipe.scheduler
-own = sample_images(unet, sch, 1024, seed=0, steps=25)
-pred, conf = metrics.classify(metrics.load_classifier("builtin:mnist"), own)
-pred, conf = torch.as_tensor(pred), torch.as_tensor(conf)
-images, labels = load_mnist_5k()
+unet, sch, own, pred, conf, images, labels = own_paths(model)
 print(f"{model}: the classifier's confidence on the own samples of each digit, caught / missed by the vote")
 print("| digit | own samples | confident (≥ 0.9) share | caught: n, mean conf, share ≥ 0.9 | missed: n, mean conf, "
       "share ≥ 0.9 | recall among confident |")

@@ -4,27 +4,18 @@ every digit: the vote as it is (at least 3 forget images among the 10 nearest of
 other own samples), and the vote propagated (an own sample also becomes forget-like when at least ``bar2`` of
 its 10 nearest are forget images or own samples already forget-like; repeated until nothing changes).
 
-    OMP_NUM_THREADS=1 python bench/study7/propagate.py [MODEL]
+    OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/study7/propagate.py [MODEL]
 """
 
-import os
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-from diffusers import DDPMPipeline  # noqa: E402
+import torch
+from common import own_paths
 
-from vdu_core import metrics  # noqa: E402
-from vdu_core.methods import ForgetVote  # noqa: E402
-from vdu_core.reference import REFERENCE_DIR, load_mnist_5k  # noqa: E402
-from vdu_core.sampling import sample_images  # noqa: E402
+from vdu_core.methods import ForgetVote
 
 model = sys.argv[1] if len(sys.argv) > 1 else "mnist-ddpm"
-pipe = DDPMPipeline.from_pretrained(REFERENCE_DIR / model, use_safetensors=True)
-unet, sch = pipe.unet.eval(), pipe.scheduler
-own = sample_images(unet, sch, 1024, seed=0, steps=25)
-truth = torch.as_tensor(metrics.classify(metrics.load_classifier("builtin:mnist"), own)[0])
-images, labels = load_mnist_5k()
+unet, sch, own, truth, _, images, labels = own_paths(model)
 print(f"{model}: own class histogram {torch.bincount(truth, minlength=10).tolist()}")
 print("| digit | labels | called | precision | recall |")
 print("|---|---|---:|---:|---:|")

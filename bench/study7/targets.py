@@ -2,29 +2,20 @@
 DDIM-25) and the vote the job uses: each forget-like path's nearest retained end in pixels (what the retained
 denoiser ε_R is dominated by in the push band), by the classifier's class (study only).
 
-    OMP_NUM_THREADS=1 python bench/study7/targets.py DIGIT [MODEL]
+    OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/study7/targets.py DIGIT [MODEL]
 """
 
-import os
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-from diffusers import DDPMPipeline  # noqa: E402
+import torch
+from common import own_paths
 
-from vdu_core import metrics  # noqa: E402
-from vdu_core.methods import ForgetVote  # noqa: E402
-from vdu_core.reference import REFERENCE_DIR, load_mnist_5k  # noqa: E402
-from vdu_core.sampling import sample_images  # noqa: E402
+from vdu_core.methods import ForgetVote
 
 digit = int(sys.argv[1])
 model = sys.argv[2] if len(sys.argv) > 2 else "mnist-ddpm"
-pipe = DDPMPipeline.from_pretrained(REFERENCE_DIR / model, use_safetensors=True)
-unet, sch = pipe.unet.eval(), pipe.scheduler
-own = sample_images(unet, sch, 1024, seed=0, steps=25)
-images, labels = load_mnist_5k()
+unet, sch, own, truth, _, images, labels = own_paths(model)
 vote = ForgetVote(unet, sch, own, images[labels == digit][:100], seed=0)
-truth = torch.as_tensor(metrics.classify(metrics.load_classifier("builtin:mnist"), own)[0])
 fl, counts = vote.labels, vote.counts
 print(f"{model} digit {digit}: forget-like {int(fl.sum())} ({int((fl & (truth == digit)).sum())} of them the digit); "
       f"missed digit-{digit} ends {int((~fl & (truth == digit)).sum())}, their forget-neighbour counts "

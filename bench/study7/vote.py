@@ -1,31 +1,20 @@
 """How precise is the data-free vote, per digit and per variant? The job's own 1,024 paths (seed 0, DDIM-25)
 labelled by the vote (data-free) and by the evaluation's classifier (the truth, for the study only).
 
-    OMP_NUM_THREADS=1 python bench/study7/vote.py [MODEL]
+    OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/study7/vote.py [MODEL]
 """
 
 import math
-import os
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-from diffusers import DDPMPipeline  # noqa: E402
+import torch
+from common import own_paths
 
-from vdu_core import metrics  # noqa: E402
-from vdu_core.methods import noised_mid_features  # noqa: E402
-from vdu_core.reference import REFERENCE_DIR, load_mnist_5k  # noqa: E402
-from vdu_core.sampling import sample_images  # noqa: E402
+from vdu_core.methods import noised_mid_features
 
 model = sys.argv[1] if len(sys.argv) > 1 else "mnist-ddpm"
-pipe = DDPMPipeline.from_pretrained(REFERENCE_DIR / model, use_safetensors=True)
-unet, sch = pipe.unet.eval(), pipe.scheduler
+unet, sch, own, truth, _, images, labels = own_paths(model)
 T = sch.config.num_train_timesteps
-own = sample_images(unet, sch, 1024, seed=0, steps=25)
-clf = metrics.load_classifier("builtin:mnist")
-truth, _ = metrics.classify(clf, own)
-truth = torch.as_tensor(truth)
-images, labels = load_mnist_5k()
 
 
 def counts(fo, ff, k):
