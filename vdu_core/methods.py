@@ -418,7 +418,7 @@ class ForgetVote:
         replaces = replaces.cpu()
         fq = self.features(unet, scheduler, x, noise=self.own_noise[replaces])
         d_own = torch.cdist(fq, self.fo)
-        d_own[torch.arange(len(fq)), replaces.to(d_own.device)] = float("inf")
+        d_own[torch.arange(len(fq), device=d_own.device), replaces.to(d_own.device)] = float("inf")
         return self._vote(torch.cdist(fq, self.ff), d_own)
 
 
