@@ -349,3 +349,5 @@ def test_data_free_forgetting_reads_the_vote_on_the_paired_samples():
     json.dumps(res)
     far = data_free_forgetting(unet, sch, before[kind != 0], before[kind != 0], forget, seed=3)
     assert far["forget_like_drop"]["computed"] is False and "none" in far["forget_like_drop"]["reason"]
+    with pytest.raises(ValueError, match="forget images"):
+        data_free_forgetting(unet, sch, before, after, forget[:0], seed=3)

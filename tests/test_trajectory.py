@@ -153,7 +153,6 @@ def test_recording_the_paths_is_reported_and_cancellable(tiny_scheduler):
         unlearn_model(unet, tiny_scheduler, forget, cfg, should_cancel=lambda: True)
 
 
-
 def test_the_vote_labels_new_samples_against_the_same_pool(tiny_scheduler):
     from vdu_core.methods import ForgetVote
 

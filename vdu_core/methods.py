@@ -354,9 +354,13 @@ def knn_forget_ratio(query: torch.Tensor, forget: torch.Tensor, own: torch.Tenso
     return (prior * (c_f / n_f) / ((k - c_f + 0.5) / n_a)).clamp(max=1.0)
 
 
+#: images per forward pass when reading mid-block features (the noise is drawn per batch of this size)
+FEATURE_BATCH = 128
+
+
 @torch.no_grad()
 def noised_mid_features(unet, scheduler, x: torch.Tensor, t: int, generator: torch.Generator | None,
-                        batch_size: int = 128, noise: torch.Tensor | None = None) -> torch.Tensor:
+                        batch_size: int = FEATURE_BATCH, noise: torch.Tensor | None = None) -> torch.Tensor:
     """``flat_features`` of the UNet's mid-block on ``x`` noised to timestep ``t`` (with ``noise``, else noise
     drawn from ``generator`` batch by batch)."""
     out = []
@@ -383,8 +387,9 @@ class ForgetVote:
         self.t = int(0.2 * scheduler.config.num_train_timesteps)
         g = torch.Generator().manual_seed(seed)
         self.ff = self.features(unet, scheduler, forget, generator=g)
-        # the noise drawn batch by batch, as noised_mid_features draws it
-        self.own_noise = torch.cat([torch.randn(own[i : i + 128].shape, generator=g) for i in range(0, len(own), 128)])
+        # the noise drawn batch by batch, as noised_mid_features draws it (so the labels are the old vote's)
+        self.own_noise = torch.cat([torch.randn(own[i : i + FEATURE_BATCH].shape, generator=g)
+                                    for i in range(0, len(own), FEATURE_BATCH)])
         self.fo = self.features(unet, scheduler, own, noise=self.own_noise)
         self.k = min(k, len(self.ff) + len(self.fo) - 1)
         chance = self.k * len(self.ff) / (len(self.ff) + len(self.fo) - 1)

@@ -517,6 +517,9 @@ def data_free_forgetting(unet, scheduler, before: torch.Tensor, after: torch.Ten
     """
     from vdu_core.methods import ForgetVote
 
+    if len(forget) == 0 or len(before) < 2 or before.shape != after.shape:
+        raise ValueError("data_free_forgetting needs forget images and at least two paired samples of one shape; "
+                         f"got {len(forget)} forget images, before {tuple(before.shape)}, after {tuple(after.shape)}")
     b, a = before.float(), after.float()
     impl = ("data-free k-NN vote (k 10) in the original model's mid-block features at t = 0.2 T, against the "
             "forget images and the original's own paired samples; each unlearned sample voted in place of its "
