@@ -102,7 +102,8 @@ def test_a_forget_set_that_is_everything_the_model_makes_is_refused(tiny_schedul
 def test_defaults_follow_the_target():
     d = UnlearnConfig.from_dict({})
     assert (d.plasticity_target, d.gamma, d.laplace_weight, d.anchor_weight, d.batch_size, d.steps, d.lr,
-            d.lr_schedule) == ("trajectory", 0.0, 1e4, 10.0, 32, 300, 2e-4, "cosine")
+            d.lr_schedule, d.guidance_scale, d.anchor_margin) == ("trajectory", 0.0, 1e4, 10.0, 32, 300, 2e-4, "cosine",
+                                                                  2.0, 1)
     ng = UnlearnConfig.from_dict({"plasticity_target": "negative_guidance"})
     assert (ng.gamma, ng.laplace_weight, ng.anchor_weight, ng.batch_size, ng.guidance_scale, ng.grad_clip, ng.lr,
             ng.lr_schedule) == (0.5, 0.0, 1.0, 16, 5.0, 1.0, 1e-4, "constant")
@@ -121,6 +122,8 @@ def test_defaults_follow_the_target():
     ({"anchor_exclude_fraction": 0.1}, "params.anchor_exclude_fraction"),
     ({"anchor_samples": 1}, "params.anchor_samples"),
     ({"trajectory_steps": 1}, "params.trajectory_steps"),
+    ({"anchor_margin": -1}, "params.anchor_margin"),
+    ({"anchor_margin": 0.5}, "params.anchor_margin"),
 ])
 def test_bad_trajectory_parameters_are_refused_by_name(params, field):
     with pytest.raises(ConfigError) as e:
@@ -168,3 +171,27 @@ def test_the_vote_labels_new_samples_against_the_same_pool(tiny_scheduler):
     r, f = (~labels).nonzero().flatten()[:3], labels.nonzero().flatten()[:3]
     assert vote.label(unet, tiny_scheduler, forget[:3], r).all()
     assert not vote.label(unet, tiny_scheduler, own[r], f).any()
+
+
+def test_anchor_margin_leaves_the_votes_margin_out_of_the_anchors(tiny_scheduler):
+    """Own samples next to forget-like ones are neither pushed nor anchored; a margin that would leave
+    nothing to anchor is not applied."""
+    from vdu_core.methods import ForgetVote
+
+    unet = make_tiny_unet().eval()
+    own = sample_images(unet, tiny_scheduler, 60, seed=0, steps=10)
+    forget = own[:3].repeat(5, 1, 1, 1)
+    vote = ForgetVote(unet, tiny_scheduler, own, forget)
+    near1, near5 = vote.near(1), vote.near(5)
+    assert not (near1 & vote.labels).any() and bool(near1.any())
+    assert bool((near5 <= near1).all()) and int(near5.sum()) < int(near1.sum())
+    # a margin of 1: every own sample with a forget image among its neighbours is pushed or left out
+    assert bool((near1 | vote.labels)[vote.counts >= 1].all())
+
+    tr = trajectory.build(unet, tiny_scheduler, forget, 60, seed=0, steps=10, margin=1)
+    assert torch.equal(tr.near, near1) and torch.equal(tr.forget_like, vote.labels)
+    assert torch.equal(tr.retained_idx, (~vote.labels & ~near1).nonzero().flatten())
+    assert tr.summary()["margin"] == int(near1.sum())
+    # the forget set is most of what the model makes: a margin would leave nothing to anchor, so none applies
+    crowded = trajectory.build(unet, tiny_scheduler, own[:50], 60, seed=0, steps=10, margin=1)
+    assert crowded.near is None and len(crowded.retained_idx) == int((~crowded.forget_like).sum()) > 0

@@ -167,25 +167,15 @@ class UnlearnConfig(_Validated):
             "denoiser on noised forget images to the original's prediction guided away from the forget set's "
             "empirical score",
     )
-    guidance_scale: float = _spec(3.0, gt=0.0, le=100.0, doc="η of the trajectory or negative guidance target")
+    guidance_scale: float = _spec(2.0, gt=0.0, le=100.0,
+                                  doc="η of the trajectory or negative guidance target (negative guidance: 5)")
     push_band: list[float] = _spec(
         None, ge=0.0, le=1.0, factory=lambda: [0.3, 0.7],
         doc="trajectory: the noise levels pushed, [low, high) as fractions of the training timesteps",
     )
     trajectory_steps: int = _spec(25, ge=2, le=1000, doc="trajectory: DDIM steps of the recorded paths")
-    anchor_refresh_every: int = _spec(
-        0, ge=0, le=100000,
-        doc="trajectory: every this many steps re-draw anchor_refresh_paths anchored paths with the model being "
-            "trained and anchor half of each batch on the states it visits now, to the original's ε there (0: off)",
-    )
-    anchor_refresh_paths: int = _spec(256, ge=1, le=100000, doc="trajectory: paths re-drawn at each refresh")
-    target_clusters: int = _spec(
-        0, ge=0, le=1,
-        doc="trajectory: 1: aim every forget-like path at the ends of one cluster of the model's own outputs "
-            "(the one nearest the forget-like ends), not each at its nearest retained end (0)",
-    )
     anchor_margin: int = _spec(
-        0, ge=0, le=100,
+        1, ge=0, le=100,
         doc="trajectory: leave out of the anchors and push targets the paths the vote is not sure are retained, "
             "those with at least this many forget images or forget-like paths among their 10 nearest (0: off)",
     )

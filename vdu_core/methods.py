@@ -200,24 +200,6 @@ class VDU(UnlearningMethod):
             report["function_space"] = float(fs.detach())
         return self._add_laplace(ctx, loss, report)
 
-    def _on_policy_pool(self, ctx, r_idx: torch.Tensor):
-        """Every ``anchor_refresh_every`` steps, re-draw ``anchor_refresh_paths`` anchored paths with the model
-        being trained and add their states, with the original's ε there, to the pool (aggregated)."""
-        cfg = self.config
-        if cfg.anchor_refresh_every <= 0:
-            return None
-        self._calls = getattr(self, "_calls", 0) + 1
-        if self._calls % cfg.anchor_refresh_every == 0:
-            from vdu_core.trajectory import redraw
-
-            tr = ctx.trajectories
-            g = torch.Generator().manual_seed(cfg.seed + 11 + self._calls)
-            pick = r_idx[torch.randperm(len(r_idx), generator=g)[: cfg.anchor_refresh_paths]]
-            x, eps = redraw(ctx.unet, ctx.original, ctx.scheduler, tr.x[0, pick], len(tr.t))
-            old = getattr(self, "_pool", None)
-            self._pool = (x, eps) if old is None else (torch.cat([old[0], x], 1), torch.cat([old[1], eps], 1))
-        return getattr(self, "_pool", None)
-
     def _add_laplace(self, ctx, loss: torch.Tensor, report: dict) -> Terms:
         if ctx.laplace is not None:
             lap = ctx.laplace.penalty()
@@ -247,21 +229,14 @@ class VDU(UnlearningMethod):
             x_t = ctx.scheduler.add_noise(batch.x0, batch.noise, t)
             with torch.no_grad():
                 eps0 = ctx.original(x_t, t).sample
-        target = push_target(x_t, t, eps0, tr.ends[tr.target_idx].to(dev), ctx.scheduler, cfg.guidance_scale)
+        target = push_target(x_t, t, eps0, tr.ends[r_idx].to(dev), ctx.scheduler, cfg.guidance_scale)
         push = per_sample_mse(ctx.unet(x_t, t).sample, target).mean()
         loss = (1.0 - cfg.gamma) * push
         report = {"push": float(push.detach())}
         if cfg.anchor_weight > 0:
             i = r_idx[torch.randint(0, len(r_idx), (n,), generator=g)]
             k = torch.randint(0, len(tr.t), (n,), generator=g)
-            a_x, a_eps = tr.x[k, i], tr.eps[k, i]
-            pool = self._on_policy_pool(ctx, r_idx)
-            if pool is not None:  # half of the anchors on the paths the model takes now
-                h = n // 2
-                j = torch.randint(0, pool[0].shape[1], (h,), generator=g)
-                a_x = torch.cat([a_x[: n - h], pool[0][k[n - h :], j]])
-                a_eps = torch.cat([a_eps[: n - h], pool[1][k[n - h :], j]])
-            per = per_sample_mse(ctx.unet(a_x.to(dev), tr.t[k].to(dev)).sample, a_eps.to(dev))
+            per = per_sample_mse(ctx.unet(tr.x[k, i].to(dev), tr.t[k].to(dev)).sample, tr.eps[k, i].to(dev))
             fs = (tr.step_weight[k].to(dev) * per).mean()
             loss = loss + cfg.anchor_weight * fs
             report["function_space"] = float(fs.detach())
@@ -432,9 +407,15 @@ class ForgetVote:
         return self._count(d_forget, d_own) >= self.bar
 
     @functools.cached_property
+    def pool_distances(self) -> torch.Tensor:
+        """Each own sample's distances to the forget images, then to the other own samples (itself: inf)."""
+        return torch.cat([torch.cdist(self.fo, self.ff),
+                          torch.cdist(self.fo, self.fo).fill_diagonal_(float("inf"))], 1)
+
+    @functools.cached_property
     def counts(self) -> torch.Tensor:
         """How many of each own sample's ``k`` nearest neighbours are forget images (its own entry left out)."""
-        return self._count(torch.cdist(self.fo, self.ff), torch.cdist(self.fo, self.fo).fill_diagonal_(float("inf")))
+        return (self.pool_distances.topk(self.k, largest=False).indices < len(self.ff)).sum(1).cpu()
 
     @property
     def labels(self) -> torch.Tensor:
@@ -446,9 +427,8 @@ class ForgetVote:
         """True where an own sample that is not forget-like has at least ``min_marked`` of its ``k`` nearest
         neighbours (forget images and other own samples) forget images or forget-like own samples: the
         vote's margin, the samples it is not sure are retained."""
-        nn = torch.cat([torch.cdist(self.fo, self.ff),
-                        torch.cdist(self.fo, self.fo).fill_diagonal_(float("inf"))], 1).topk(self.k, largest=False)
-        marked = torch.cat([torch.ones(len(self.ff), dtype=torch.bool), self.labels])[nn.indices.cpu()]
+        nn = self.pool_distances.topk(self.k, largest=False).indices.cpu()
+        marked = torch.cat([torch.ones(len(self.ff), dtype=torch.bool), self.labels])[nn]
         return (marked.sum(1) >= min_marked) & ~self.labels
 
     @torch.no_grad()

@@ -9,6 +9,9 @@ model's own deterministic DDIM paths, and it is labelled by the path's end:
 * paths whose end the data-free vote (``methods.forget_like_vote``) calls forget-like are *pushed*,
   in a middle band of noise levels, toward the empirical denoiser of the model's own retained
   endpoints (``push_target``): to the nearest thing the model makes that is not the forgotten content;
+* paths in the vote's margin (``anchor_margin``: a forget image or a pushed path among their 10 nearest,
+  ``ForgetVote.near``) are neither pushed nor anchored, so the part of a class the vote misses is not
+  anchored against the part it pushes (docs/quality-study.md, section 12);
 * the states of the other paths are *anchored* to the original's ε there (recorded, no extra pass),
   each weighted by how far one DDIM step moves the state per unit ε error (``sampler_step_weights``);
 * the Kronecker-factored Laplace term (``vdu_core.laplace``) is measured on the same retained states.
@@ -39,11 +42,6 @@ class Trajectories:
     forget_like: torch.Tensor
     step_weight: torch.Tensor
     near: torch.Tensor | None = None  # paths in the vote's margin: neither pushed nor anchored
-    targets: torch.Tensor | None = None  # indices of the ends the push aims at (default: every anchored end)
-
-    @property
-    def target_idx(self) -> torch.Tensor:
-        return self.retained_idx if self.targets is None else self.targets
 
     @property
     def forget_idx(self) -> torch.Tensor:
@@ -95,24 +93,24 @@ def record(unet, scheduler, n: int, seed: int, steps: int = 25, batch_size: int 
 
 
 def build(unet, scheduler, forget: torch.Tensor, n: int, seed: int, steps: int = 25,
-          on_batch: Callable[[int, int], None] | None = None, margin: int = 0,
-          target_clusters: int = 0) -> Trajectories:
+          on_batch: Callable[[int, int], None] | None = None, margin: int = 0) -> Trajectories:
     """Record ``n`` of the model's own paths and label each by the data-free vote on its end; with ``margin``
     > 0, the paths with at least that many forget images or forget-like paths among their neighbours
     (``ForgetVote.near``) are left out of the anchors and push targets."""
     from vdu_core.methods import ForgetVote
 
     x, eps, t, ends = record(unet, scheduler, n, seed, steps, on_batch=on_batch)
+    if len(forget) == 0:
+        raise ForgetSetError("the forget set holds no image", rule="empty")
     vote = ForgetVote(unet, scheduler, ends.to(forget.device), forget, seed=seed)
     forget_like = vote.labels.cpu()
-    near = vote.near(margin).cpu() if margin > 0 else None
-    keep = ~forget_like if near is None else ~forget_like & ~near
-    targets = one_cluster_targets(vote.fo.cpu(), forget_like, keep, seed) if target_clusters > 0 else None
     if bool(forget_like.all()):
         raise ForgetSetError(f"all {n} of the model's own samples look like the forget set: unlearning it would "
                              "leave nothing the model generates to keep", rule="forget_set_covers_model")
-    return Trajectories(x, eps, t, ends, forget_like, sampler_step_weights(scheduler, t, steps), near,
-                        targets)
+    near = vote.near(margin).cpu() if margin > 0 else None
+    if near is not None and bool((forget_like | near).all()):
+        near = None  # a margin that would leave nothing to anchor is not applied
+    return Trajectories(x, eps, t, ends, forget_like, sampler_step_weights(scheduler, t, steps), near)
 
 
 def for_config(unet, scheduler, forget: torch.Tensor, config, should_cancel: Callable[[], bool] | None = None,
@@ -130,67 +128,7 @@ def for_config(unet, scheduler, forget: torch.Tensor, config, should_cancel: Cal
             on_batch(done, total)
 
     return build(unet, scheduler, forget, config.anchor_samples, config.seed, config.trajectory_steps, on_batch=batch,
-                 margin=config.anchor_margin, target_clusters=config.target_clusters)
-
-
-def kmeans(f: torch.Tensor, k: int, seed: int, iters: int = 30) -> torch.Tensor:
-    """Cluster labels of the rows of ``f`` (k-means++ start from a seeded generator, Lloyd iterations)."""
-    g = torch.Generator().manual_seed(seed)
-    centres = [f[torch.randint(0, len(f), (1,), generator=g)]]
-    for _ in range(1, k):
-        d = torch.cdist(f, torch.cat(centres)).min(1).values.pow(2)
-        centres.append(f[torch.multinomial(d / d.sum(), 1, generator=g)])
-    c = torch.cat(centres)
-    for _ in range(iters):
-        lab = torch.cdist(f, c).argmin(1)
-        c = torch.stack([f[lab == j].mean(0) if bool((lab == j).any()) else c[j] for j in range(k)])
-    return torch.cdist(f, c).argmin(1)
-
-
-def one_cluster_targets(features: torch.Tensor, forget_like: torch.Tensor, keep: torch.Tensor, seed: int,
-                        k: int = 20, min_size: int = 16) -> torch.Tensor | None:
-    """The anchored ends of the one cluster (k-means on the vote's features of every own end) the forget-like
-    ends are nearest to, as push targets: one consistent destination for all forget-like paths, so that
-    neighbouring ones are not aimed at different classes whose average still looks like the forgotten one.
-    Clusters that are mostly forget-like are not destinations. None when no cluster qualifies."""
-    lab = kmeans(features, k, seed)
-    f_idx, r_idx = forget_like.nonzero().flatten(), keep.nonzero().flatten()
-    if len(f_idx) == 0 or len(r_idx) == 0:
-        return None
-    near = r_idx[torch.cdist(features[f_idx], features[r_idx]).topk(min(10, len(r_idx)), largest=False).indices]
-    votes = torch.bincount(lab[near.flatten()], minlength=k).float()
-    for j in range(k):
-        members = lab == j
-        if float(forget_like[members].float().mean()) > 0.25 or int((members & keep).sum()) < min_size:
-            votes[j] = -1
-    if float(votes.max()) <= 0:
-        return None
-    return ((lab == int(votes.argmax())) & keep).nonzero().flatten()
-
-
-@torch.no_grad()
-def redraw(unet, original, scheduler, x_start: torch.Tensor, steps: int, batch_size: int = 64):
-    """The paths ``unet`` takes now from the recorded first states ``x_start`` (DDIM ``steps``), with the
-    *original*'s ε on every state it visits: (x [K, n, ...], eps [K, n, ...]) on the CPU. Anchoring these
-    holds the model where it actually goes, not only on the original's own paths (DAgger)."""
-    from vdu_core.sampling import _denoise, _eval_ddim
-
-    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
-    xs: list[torch.Tensor] = []
-    es: list[torch.Tensor] = []
-    with _eval_ddim(unet, scheduler, steps) as ddim:
-        for i in range(0, len(x_start), batch_size):
-            bx: list[torch.Tensor] = []
-            be: list[torch.Tensor] = []
-
-            def keep(k, t, x, eps, bx=bx, be=be):
-                bx.append(x.float().cpu())
-                be.append(original(x, t.to(x.device)).sample.float().cpu())
-
-            _denoise(unet, ddim, x_start[i : i + batch_size].to(device=device, dtype=dtype), on_step=keep)
-            xs.append(torch.stack(bx))
-            es.append(torch.stack(be))
-    return torch.cat(xs, 1), torch.cat(es, 1)
+                 margin=config.anchor_margin)
 
 
 def laplace_on(unet, tr: Trajectories, n_points: int, seed: int,

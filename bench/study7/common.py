@@ -9,6 +9,7 @@ import torch  # noqa: E402
 from diffusers import DDPMPipeline  # noqa: E402
 
 from vdu_core import metrics  # noqa: E402
+from vdu_core.methods import ForgetVote  # noqa: E402
 from vdu_core.reference import REFERENCE_DIR, load_mnist_5k  # noqa: E402
 from vdu_core.sampling import sample_images  # noqa: E402
 
@@ -21,3 +22,9 @@ def own_paths(model: str):
     pred, conf = metrics.classify(metrics.load_classifier("builtin:mnist"), own)
     images, labels = load_mnist_5k()
     return unet, sch, own, torch.as_tensor(pred), torch.as_tensor(conf), images, labels
+
+
+def digit_votes(unet, sch, own, images, labels):
+    """(digit, the job's vote for a forget set of 100 real digits of it) for every digit."""
+    for d in range(10):
+        yield d, ForgetVote(unet, sch, own, images[labels == d][:100], seed=0)

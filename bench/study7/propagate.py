@@ -10,20 +10,16 @@ its 10 nearest are forget images or own samples already forget-like; repeated un
 import sys
 
 import torch
-from common import own_paths
-
-from vdu_core.methods import ForgetVote
+from common import digit_votes, own_paths
 
 model = sys.argv[1] if len(sys.argv) > 1 else "mnist-ddpm"
 unet, sch, own, truth, _, images, labels = own_paths(model)
 print(f"{model}: own class histogram {torch.bincount(truth, minlength=10).tolist()}")
 print("| digit | labels | called | precision | recall |")
 print("|---|---|---:|---:|---:|")
-for d in range(10):
-    vote = ForgetVote(unet, sch, own, images[labels == d][:100], seed=0)
+for d, vote in digit_votes(unet, sch, own, images, labels):
     nf = len(vote.ff)
-    dist = torch.cat([torch.cdist(vote.fo, vote.ff), torch.cdist(vote.fo, vote.fo).fill_diagonal_(float("inf"))], 1)
-    nn = dist.topk(vote.k, largest=False).indices  # [n_own, k] into forget ∪ own
+    nn = vote.pool_distances.topk(vote.k, largest=False).indices  # [n_own, k] into forget ∪ own
     is_d = truth == d
 
     def row(name, lab, d=d, is_d=is_d):

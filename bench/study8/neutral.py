@@ -12,20 +12,14 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0] + "/study7")
-from common import own_paths  # noqa: E402
-
-from vdu_core.methods import ForgetVote  # noqa: E402
+from common import digit_votes, own_paths  # noqa: E402
 
 model = sys.argv[1] if len(sys.argv) > 1 else "mnist-ddpm"
 unet, sch, own, truth, _, images, labels = own_paths(model)
 print("| digit | rule | class pushed / neutral / anchored | others pushed / neutral / anchored |")
 print("|---|---|---|---|")
-for d in range(10):
-    vote = ForgetVote(unet, sch, own, images[labels == d][:100], seed=0)
-    nf = len(vote.ff)
-    dist = torch.cat([torch.cdist(vote.fo, vote.ff), torch.cdist(vote.fo, vote.fo).fill_diagonal_(float("inf"))], 1)
-    push = vote.labels
-    is_d = truth == d
+for d, vote in digit_votes(unet, sch, own, images, labels):
+    push, is_d = vote.labels, truth == d
 
     def row(name, neutral, d=d, is_d=is_d, push=push):
         neutral = neutral & ~push
@@ -37,7 +31,7 @@ for d in range(10):
     row("vote (default)", torch.zeros_like(push))
     row("count >= 1", vote.counts >= 1)
     for k in (10, 20):
-        nn = dist.topk(k, largest=False).indices
-        marked = torch.cat([torch.ones(nf, dtype=torch.bool), push])[nn]
+        nn = vote.pool_distances.topk(k, largest=False).indices
+        marked = torch.cat([torch.ones(len(vote.ff), dtype=torch.bool), push])[nn]
         for m in (1, 2, 3):
             row(f"k{k}: >= {m} forget or pushed", marked.sum(1) >= m)

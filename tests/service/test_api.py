@@ -370,6 +370,7 @@ BAD_JOBS = [
     ("unknown parameter", {"params": {"gamma_typo": 1}}, "params.gamma_typo"),
     ("push band reversed", {"params": {"push_band": [0.7, 0.3]}}, "params.push_band"),
     ("push band outside [0, 1]", {"params": {"push_band": [0.3, 2]}}, "params.push_band[1]"),
+    ("anchor margin negative", {"params": {"anchor_margin": -1}}, "params.anchor_margin"),
     ("unknown lr schedule", {"params": {"lr_schedule": "linear"}}, "params.lr_schedule"),
     ("trajectory target with a self-forget share", {"params": {"self_forget_fraction": 0.1}},
      "params.self_forget_fraction"),
