@@ -124,6 +124,7 @@ def test_defaults_follow_the_target():
     ({"trajectory_steps": 1}, "params.trajectory_steps"),
     ({"anchor_margin": -1}, "params.anchor_margin"),
     ({"anchor_margin": 0.5}, "params.anchor_margin"),
+    ({"anchor_margin": 11}, "params.anchor_margin"),
 ])
 def test_bad_trajectory_parameters_are_refused_by_name(params, field):
     with pytest.raises(ConfigError) as e:
@@ -195,3 +196,6 @@ def test_anchor_margin_leaves_the_votes_margin_out_of_the_anchors(tiny_scheduler
     # the forget set is most of what the model makes: a margin would leave nothing to anchor, so none applies
     crowded = trajectory.build(unet, tiny_scheduler, own[:50], 60, seed=0, steps=10, margin=1)
     assert crowded.near is None and len(crowded.retained_idx) == int((~crowded.forget_like).sum()) > 0
+    with pytest.raises(ForgetSetError) as e:
+        trajectory.build(unet, tiny_scheduler, forget[:0], 60, seed=0, steps=10, margin=1)
+    assert e.value.rule == "empty"

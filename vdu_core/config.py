@@ -175,7 +175,7 @@ class UnlearnConfig(_Validated):
     )
     trajectory_steps: int = _spec(25, ge=2, le=1000, doc="trajectory: DDIM steps of the recorded paths")
     anchor_margin: int = _spec(
-        1, ge=0, le=100,
+        1, ge=0, le=10,
         doc="trajectory: leave out of the anchors and push targets the paths the vote is not sure are retained, "
             "those with at least this many forget images or forget-like paths among their 10 nearest (0: off)",
     )

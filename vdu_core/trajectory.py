@@ -99,9 +99,9 @@ def build(unet, scheduler, forget: torch.Tensor, n: int, seed: int, steps: int =
     (``ForgetVote.near``) are left out of the anchors and push targets."""
     from vdu_core.methods import ForgetVote
 
-    x, eps, t, ends = record(unet, scheduler, n, seed, steps, on_batch=on_batch)
     if len(forget) == 0:
         raise ForgetSetError("the forget set holds no image", rule="empty")
+    x, eps, t, ends = record(unet, scheduler, n, seed, steps, on_batch=on_batch)
     vote = ForgetVote(unet, scheduler, ends.to(forget.device), forget, seed=seed)
     forget_like = vote.labels.cpu()
     if bool(forget_like.all()):
