@@ -147,7 +147,8 @@ def test_a_moderator_runs_and_compares_jobs_in_the_dashboard(stack, browser, tmp
     assert browser.current_url.startswith(f"{base}/dashboard/login")
     find(By.ID, "api-key").send_keys("vdu_wrong_key")
     find(By.ID, "sign-in").click()
-    assert "invalid or revoked API key" in find(By.ID, "form-error").text
+    # the form posts and the page reloads: wait for the new page rather than read the old one mid-navigation
+    wait_for(lambda: "invalid or revoked API key" in text_of("form-error"), what="the sign-in error")
     find(By.ID, "api-key").send_keys(key)
     find(By.ID, "sign-in").click()
     wait_for(lambda: browser.current_url == f"{base}/dashboard", what="the jobs page")
