@@ -400,11 +400,9 @@ class ForgetVote:
             return torch.nn.functional.normalize(x.float().flatten(1), dim=1)
         return noised_mid_features(unet, scheduler, x, self.t, generator, noise=noise)
 
-    def _count(self, d_forget: torch.Tensor, d_own: torch.Tensor) -> torch.Tensor:
-        return (torch.cat([d_forget, d_own], 1).topk(self.k, largest=False).indices < len(self.ff)).sum(1).cpu()
-
-    def _vote(self, d_forget: torch.Tensor, d_own: torch.Tensor) -> torch.Tensor:
-        return self._count(d_forget, d_own) >= self.bar
+    def _neighbours(self, dist: torch.Tensor) -> torch.Tensor:
+        """The ``k`` nearest of the pool (forget images first, then own samples) for each row of ``dist``."""
+        return dist.topk(self.k, largest=False).indices.cpu()
 
     @functools.cached_property
     def pool_distances(self) -> torch.Tensor:
@@ -413,9 +411,14 @@ class ForgetVote:
                           torch.cdist(self.fo, self.fo).fill_diagonal_(float("inf"))], 1)
 
     @functools.cached_property
+    def pool_neighbours(self) -> torch.Tensor:
+        """Each own sample's ``k`` nearest in the pool (indices into forget images, then own samples)."""
+        return self._neighbours(self.pool_distances)
+
+    @functools.cached_property
     def counts(self) -> torch.Tensor:
         """How many of each own sample's ``k`` nearest neighbours are forget images (its own entry left out)."""
-        return (self.pool_distances.topk(self.k, largest=False).indices < len(self.ff)).sum(1).cpu()
+        return (self.pool_neighbours < len(self.ff)).sum(1)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -427,8 +430,7 @@ class ForgetVote:
         """True where an own sample that is not forget-like has at least ``min_marked`` of its ``k`` nearest
         neighbours (forget images and other own samples) forget images or forget-like own samples: the
         vote's margin, the samples it is not sure are retained."""
-        nn = self.pool_distances.topk(self.k, largest=False).indices.cpu()
-        marked = torch.cat([torch.ones(len(self.ff), dtype=torch.bool), self.labels])[nn]
+        marked = torch.cat([torch.ones(len(self.ff), dtype=torch.bool), self.labels])[self.pool_neighbours]
         return (marked.sum(1) >= min_marked) & ~self.labels
 
     @torch.no_grad()
@@ -439,7 +441,8 @@ class ForgetVote:
         fq = self.features(unet, scheduler, x, noise=self.own_noise[replaces])
         d_own = torch.cdist(fq, self.fo)
         d_own[torch.arange(len(fq), device=d_own.device), replaces.to(d_own.device)] = float("inf")
-        return self._vote(torch.cdist(fq, self.ff), d_own)
+        nn = self._neighbours(torch.cat([torch.cdist(fq, self.ff), d_own], 1))
+        return (nn < len(self.ff)).sum(1) >= self.bar
 
 
 def forget_like_vote(unet, scheduler, own: torch.Tensor, forget: torch.Tensor, k: int = FEATURE_K,

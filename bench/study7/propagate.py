@@ -19,7 +19,7 @@ print("| digit | labels | called | precision | recall |")
 print("|---|---|---:|---:|---:|")
 for d, vote in digit_votes(unet, sch, own, images, labels):
     nf = len(vote.ff)
-    nn = vote.pool_distances.topk(vote.k, largest=False).indices  # [n_own, k] into forget ∪ own
+    nn = vote.pool_neighbours  # [n_own, k] into forget ∪ own
     is_d = truth == d
 
     def row(name, lab, d=d, is_d=is_d):
