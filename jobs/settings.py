@@ -66,6 +66,8 @@ class Settings(BaseSettings):
 
     # Jobs
     max_steps: int = Field(5000, ge=1, le=MAX_STEPS)
+    max_trajectory_bytes: int = Field(
+        8 * 1024 * MiB, ge=1, description="memory a job's recorded sampler paths may take (vdu_core.trajectory)")
     max_attempts: int = Field(3, ge=1, le=20)
     lease_seconds: float = Field(60.0, gt=0)
     lease_renew_interval_s: float = Field(10.0, gt=0, description="how often a live worker extends its lease")

@@ -199,3 +199,20 @@ def test_anchor_margin_leaves_the_votes_margin_out_of_the_anchors(tiny_scheduler
     with pytest.raises(ForgetSetError) as e:
         trajectory.build(unet, tiny_scheduler, forget[:0], 60, seed=0, steps=10, margin=1)
     assert e.value.rule == "empty"
+
+
+def test_paths_that_would_not_fit_the_memory_limit_are_refused_before_any_work(tiny_scheduler):
+    from vdu_core.run import unlearn_model
+
+    unet = make_tiny_unet()
+    forget = torch.zeros(2, 1, 8, 8)
+    cfg = _cfg(steps=1, anchor_samples=64, trajectory_steps=10)
+    need = trajectory.recorded_bytes(unet, 64, 10)
+    assert need == 2 * 10 * 64 * 1 * 8 * 8 * 4
+    before = copy.deepcopy(unet.state_dict())
+    with pytest.raises(ConfigError) as e:
+        unlearn_model(unet, tiny_scheduler, forget, cfg, max_trajectory_bytes=need - 1)
+    assert e.value.field == "params.anchor_samples" and "at most 63 paths fit" in e.value.message
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
+    report, _, _ = unlearn_model(unet, tiny_scheduler, forget, cfg, max_trajectory_bytes=need)  # at the limit: runs
+    assert report.steps_run == 1

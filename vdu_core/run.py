@@ -55,6 +55,7 @@ def run_unlearning(
     cache_dir: str | Path | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    max_trajectory_bytes: int | None = None,
 ) -> RunResult:
     """Run VDU (or a baseline) on ``model`` so it forgets what ``forget`` shows; write ``out_dir``.
 
@@ -63,6 +64,8 @@ def run_unlearning(
     ``vdu_core.errors.Cancelled``. Library errors (``ForgetSetError``, ``ModelLoadError``,
     ``ConfigError``) propagate with their ``code``/``field``. A collapsed model raises
     ``ModelCollapsed`` *after* the evidence (metrics, grids, card) is written, without the weights.
+    ``max_trajectory_bytes``: the memory the trajectory target's recorded paths may take
+    (``trajectory.MAX_BYTES_DEFAULT`` when None); a run over it is refused before any work.
     """
 
     from vdu_core import forget_set, loop, models
@@ -85,7 +88,7 @@ def run_unlearning(
     original = copy.deepcopy(unet).eval()
     report, post, anchor_info = unlearn_model(
         unet, scheduler, forget_images, config, lineage_states=lineage_states, cache_dir=cache_dir,
-        on_progress=on_progress, should_cancel=should_cancel)
+        on_progress=on_progress, should_cancel=should_cancel, max_trajectory_bytes=max_trajectory_bytes)
 
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -113,7 +116,8 @@ def run_unlearning(
 
 
 def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, lineage_states=(),
-                  cache_dir: Path | None = None, on_progress=None, should_cancel=None):
+                  cache_dir: Path | None = None, on_progress=None, should_cancel=None,
+                  max_trajectory_bytes: int | None = None):
     """Posterior, anchors and the loop on an in-memory model: the algorithm without any I/O.
 
     Shared by ``run_unlearning`` and the benchmarks, so both run exactly the same method.
@@ -130,6 +134,10 @@ def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, line
 
     method = get_method(config.method)(config)
     method.check_model(unet)  # before any work: a configuration the model cannot serve is refused first
+    if method.needs_trajectories:
+        from vdu_core.trajectory import MAX_BYTES_DEFAULT, check_memory
+
+        check_memory(unet, config, MAX_BYTES_DEFAULT if max_trajectory_bytes is None else max_trajectory_bytes)
     post = None
     if method.uses_posterior and config.gamma > 0:
         post = posterior.estimate(unet, scheduler, config, lineage_states=lineage_states,

@@ -197,6 +197,7 @@ class JobRun:
             cache_dir=cache_dir,
             on_progress=self.on_progress,
             should_cancel=self.should_cancel,
+            max_trajectory_bytes=self.settings.max_trajectory_bytes,
         )
 
     def publish(self, inputs: JobInputs, out_dir: Path, known: dict[str, str], *, with_checkpoint: bool = True) -> dict:
