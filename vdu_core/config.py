@@ -140,7 +140,7 @@ class UnlearnConfig(_Validated):
         doc="weight of the diagonal stability regularizer (the plasticity term gets 1 - gamma); the default "
             "target holds the model with the Kronecker-factored Laplace term (laplace_weight) instead",
     )
-    steps: int = _spec(300, ge=1, le=MAX_STEPS, doc="maximum optimisation steps (the forget-image targets: 400)")
+    steps: int = _spec(150, ge=1, le=MAX_STEPS, doc="maximum optimisation steps (the forget-image targets: 400)")
     lr: float = _spec(2e-4, gt=0.0, le=1.0,
                       doc="Adam learning rate (the peak of the schedule; the forget-image targets: 1e-4, constant)")
     lr_schedule: Literal["constant", "cosine"] = _spec(
@@ -167,7 +167,7 @@ class UnlearnConfig(_Validated):
             "denoiser on noised forget images to the original's prediction guided away from the forget set's "
             "empirical score",
     )
-    guidance_scale: float = _spec(2.0, gt=0.0, le=100.0,
+    guidance_scale: float = _spec(2.5, gt=0.0, le=100.0,
                                   doc="η of the trajectory or negative guidance target (negative guidance: 5)")
     push_band: list[float] = _spec(
         None, ge=0.0, le=1.0, factory=lambda: [0.3, 0.7],
@@ -209,7 +209,7 @@ class UnlearnConfig(_Validated):
     )
     laplace_points: int = _spec(512, ge=16, le=100000, doc="noised own samples the Laplace factors are measured on")
     anchor_samples: int = _spec(
-        1024, ge=0, le=100000,
+        2048, ge=0, le=100000,
         doc="own samples of the original model used as anchors (trajectory: the paths recorded)",
     )
     anchor_exclude_fraction: float = _spec(
