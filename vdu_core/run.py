@@ -135,9 +135,9 @@ def unlearn_model(unet, scheduler, forget_images, config: UnlearnConfig, *, line
     method = get_method(config.method)(config)
     method.check_model(unet)  # before any work: a configuration the model cannot serve is refused first
     if method.needs_trajectories:
-        from vdu_core.trajectory import MAX_BYTES_DEFAULT, check_memory
+        from vdu_core.trajectory import check_memory
 
-        check_memory(unet, config, MAX_BYTES_DEFAULT if max_trajectory_bytes is None else max_trajectory_bytes)
+        check_memory(unet, config, max_trajectory_bytes)
     post = None
     if method.uses_posterior and config.gamma > 0:
         post = posterior.estimate(unet, scheduler, config, lineage_states=lineage_states,

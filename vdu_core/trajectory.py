@@ -42,9 +42,10 @@ def recorded_bytes(unet, n: int, steps: int) -> int:
     return 2 * steps * n * c * h * w * 4
 
 
-def check_memory(unet, config, limit: int = MAX_BYTES_DEFAULT) -> None:
-    """Refuse, before any work, a run whose recorded paths would take more than ``limit`` bytes (a
-    ``ConfigError`` naming ``params.anchor_samples``)."""
+def check_memory(unet, config, limit: int | None = None) -> None:
+    """Refuse, before any work, a run whose recorded paths would take more than ``limit`` bytes
+    (``MAX_BYTES_DEFAULT`` when None): a ``ConfigError`` naming ``params.anchor_samples``."""
+    limit = MAX_BYTES_DEFAULT if limit is None else limit
     need = recorded_bytes(unet, config.anchor_samples, config.trajectory_steps)
     if need > limit:
         fits = max(2, limit // max(1, recorded_bytes(unet, 1, config.trajectory_steps)))
