@@ -79,7 +79,9 @@ def test_api_keys_never_reach_logs_or_error_bodies(pg_databases, redis_prefix, t
                     "posterior": "isotropic",
                     "anchor_weight": 0,
                     "self_forget_fraction": 0,
-                    "guidance_weighting": "uniform",  # no anchors to sample: the logs are under test
+                    "guidance_weighting": "uniform",
+                    "anchor_samples": 32,  # a few recorded paths, not the default 2,048: the logs are under
+                    "laplace_points": 32,  # test, and a slower CI machine ran past the deadline with 2,048
                 },
                 "evaluation": {"enabled": False},
             }
