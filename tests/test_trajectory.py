@@ -125,6 +125,8 @@ def test_defaults_follow_the_target():
     ({"anchor_margin": -1}, "params.anchor_margin"),
     ({"anchor_margin": 0.5}, "params.anchor_margin"),
     ({"anchor_margin": 11}, "params.anchor_margin"),
+    ({"vote_spread": -1}, "params.vote_spread"),
+    ({"vote_spread": 11}, "params.vote_spread"),
 ])
 def test_bad_trajectory_parameters_are_refused_by_name(params, field):
     with pytest.raises(ConfigError) as e:
@@ -199,6 +201,34 @@ def test_anchor_margin_leaves_the_votes_margin_out_of_the_anchors(tiny_scheduler
     with pytest.raises(ForgetSetError) as e:
         trajectory.build(unet, tiny_scheduler, forget[:0], 60, seed=0, steps=10, margin=1)
     assert e.value.rule == "empty"
+
+
+def test_vote_spread_pushes_the_neighbours_of_forget_like_paths(tiny_scheduler):
+    """``vote_spread`` m: a path with at least m of its 10 nearest forget images or forget-like paths is pushed
+    too, repeated to a fixed point; the margin is then measured against the spread labels."""
+    from vdu_core.methods import ForgetVote
+
+    unet = make_tiny_unet().eval()
+    own = sample_images(unet, tiny_scheduler, 60, seed=0, steps=10)
+    forget = own[:3].repeat(5, 1, 1, 1)
+    vote = ForgetVote(unet, tiny_scheduler, own, forget)
+    marked = lambda lab: torch.cat([torch.ones(len(vote.ff), dtype=torch.bool), lab])[vote.pool_neighbours].sum(1)  # noqa: E731
+    for m in (3, 5, 8):
+        spread = vote.spread(m, rounds=100)
+        assert bool((spread >= vote.labels).all())  # never un-marks a voted path
+        assert torch.equal(spread, vote.labels | (marked(spread) >= m))  # a fixed point of the rule
+        assert torch.equal(vote.spread(m, rounds=1), vote.labels | (marked(vote.labels) >= m))
+    wide, narrow = vote.spread(5), vote.spread(6)
+    assert int(wide.sum()) > int(narrow.sum()) > int(vote.labels.sum()) and bool((narrow <= wide).all())
+
+    tr = trajectory.build(unet, tiny_scheduler, forget, 60, seed=0, steps=10, margin=1, spread=5)
+    assert torch.equal(tr.forget_like, wide)
+    assert torch.equal(tr.near, vote.near(1, wide)) and not (tr.near & wide).any()
+    assert torch.equal(trajectory.build(unet, tiny_scheduler, forget, 60, seed=0, steps=10).forget_like, vote.labels)
+    # a spread that would call every path forget-like is not applied
+    assert bool(vote.spread(1).all())
+    assert torch.equal(trajectory.build(unet, tiny_scheduler, forget, 60, seed=0, steps=10, spread=1).forget_like,
+                       vote.labels)
 
 
 def test_paths_that_would_not_fit_the_memory_limit_are_refused_before_any_work(tiny_scheduler):

@@ -179,6 +179,11 @@ class UnlearnConfig(_Validated):
         doc="trajectory: leave out of the anchors and push targets the paths the vote is not sure are retained, "
             "those with at least this many forget images or forget-like paths among their 10 nearest (0: off)",
     )
+    vote_spread: int = _spec(
+        0, ge=0, le=10,
+        doc="trajectory: also push the paths with at least this many forget images or forget-like paths among "
+            "their 10 nearest, repeated up to 3 times (the vote spread through the neighbours; 0: off)",
+    )
     guidance_weighting: Literal["uniform", "posterior", "odds"] = _spec(
         "posterior",
         doc="negative_guidance: push every forget input by η ('uniform'), by η × the kernel posterior r that the "

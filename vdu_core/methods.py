@@ -425,13 +425,29 @@ class ForgetVote:
         """True where an own sample is forget-like: at least ``bar`` forget images among its neighbours."""
         return self.counts >= self.bar
 
+    def _marked(self, labels: torch.Tensor) -> torch.Tensor:
+        """How many of each own sample's ``k`` nearest are forget images or own samples marked in ``labels``."""
+        return torch.cat([torch.ones(len(self.ff), dtype=torch.bool), labels])[self.pool_neighbours].sum(1)
+
     @torch.no_grad()
-    def near(self, min_marked: int) -> torch.Tensor:
-        """True where an own sample that is not forget-like has at least ``min_marked`` of its ``k`` nearest
-        neighbours (forget images and other own samples) forget images or forget-like own samples: the
-        vote's margin, the samples it is not sure are retained."""
-        marked = torch.cat([torch.ones(len(self.ff), dtype=torch.bool), self.labels])[self.pool_neighbours]
-        return (marked.sum(1) >= min_marked) & ~self.labels
+    def near(self, min_marked: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """True where an own sample that is not forget-like (``labels``, default the vote's) has at least
+        ``min_marked`` of its ``k`` nearest neighbours (forget images and other own samples) forget images or
+        forget-like own samples: the vote's margin, the samples it is not sure are retained."""
+        labels = self.labels if labels is None else labels
+        return (self._marked(labels) >= min_marked) & ~labels
+
+    @torch.no_grad()
+    def spread(self, min_marked: int, rounds: int = 3) -> torch.Tensor:
+        """The vote spread through the neighbours: also forget-like, an own sample with at least ``min_marked``
+        of its ``k`` nearest forget images or forget-like own samples; repeated up to ``rounds`` times."""
+        labels = self.labels
+        for _ in range(rounds):
+            new = labels | (self._marked(labels) >= min_marked)
+            if torch.equal(new, labels):
+                break
+            labels = new
+        return labels
 
     @torch.no_grad()
     def label(self, unet, scheduler, x: torch.Tensor, replaces: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,7 @@ def record(unet, scheduler, n: int, seed: int, steps: int = 25, batch_size: int 
 
 
 def build(unet, scheduler, forget: torch.Tensor, n: int, seed: int, steps: int = 25,
-          on_batch: Callable[[int, int], None] | None = None, margin: int = 0) -> Trajectories:
+          on_batch: Callable[[int, int], None] | None = None, margin: int = 0, spread: int = 0) -> Trajectories:
     """Record ``n`` of the model's own paths and label each by the data-free vote on its end; with ``margin``
     > 0, the paths with at least that many forget images or forget-like paths among their neighbours
     (``ForgetVote.near``) are left out of the anchors and push targets."""
@@ -130,10 +130,14 @@ def build(unet, scheduler, forget: torch.Tensor, n: int, seed: int, steps: int =
     x, eps, t, ends = record(unet, scheduler, n, seed, steps, on_batch=on_batch)
     vote = ForgetVote(unet, scheduler, ends.to(forget.device), forget, seed=seed)
     forget_like = vote.labels.cpu()
+    if spread > 0:
+        spread_labels = vote.spread(spread).cpu()
+        if not bool(spread_labels.all()):  # a spread that would leave nothing to anchor is not applied
+            forget_like = spread_labels
     if bool(forget_like.all()):
         raise ForgetSetError(f"all {n} of the model's own samples look like the forget set: unlearning it would "
                              "leave nothing the model generates to keep", rule="forget_set_covers_model")
-    near = vote.near(margin).cpu() if margin > 0 else None
+    near = vote.near(margin, forget_like.to(vote.labels.device)).cpu() if margin > 0 else None
     if near is not None and bool((forget_like | near).all()):
         near = None  # a margin that would leave nothing to anchor is not applied
     return Trajectories(x, eps, t, ends, forget_like, sampler_step_weights(scheduler, t, steps), near)
@@ -154,7 +158,7 @@ def for_config(unet, scheduler, forget: torch.Tensor, config, should_cancel: Cal
             on_batch(done, total)
 
     return build(unet, scheduler, forget, config.anchor_samples, config.seed, config.trajectory_steps, on_batch=batch,
-                 margin=config.anchor_margin)
+                 margin=config.anchor_margin, spread=config.vote_spread)
 
 
 def laplace_on(unet, tr: Trajectories, n_points: int, seed: int,
