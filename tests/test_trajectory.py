@@ -205,7 +205,8 @@ def test_anchor_margin_leaves_the_votes_margin_out_of_the_anchors(tiny_scheduler
 
 def test_vote_spread_pushes_the_neighbours_of_forget_like_paths(tiny_scheduler):
     """``vote_spread`` m: a path with at least m of its 10 nearest forget images or forget-like paths is pushed
-    too, repeated to a fixed point; the margin is then measured against the spread labels."""
+    too, repeated (up to 3 times by default, here to a fixed point); the margin is then measured against the
+    spread labels."""
     from vdu_core.methods import ForgetVote
 
     unet = make_tiny_unet().eval()

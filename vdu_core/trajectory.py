@@ -9,6 +9,8 @@ model's own deterministic DDIM paths, and it is labelled by the path's end:
 * paths whose end the data-free vote (``methods.forget_like_vote``) calls forget-like are *pushed*,
   in a middle band of noise levels, toward the empirical denoiser of the model's own retained
   endpoints (``push_target``): to the nearest thing the model makes that is not the forgotten content;
+* with ``vote_spread`` M (off by default), also the paths with at least M of their 10 nearest forget images or
+  forget-like paths, repeated up to 3 times (docs/quality-study.md, section 14);
 * paths in the vote's margin (``anchor_margin``: a forget image or a pushed path among their 10 nearest,
   ``ForgetVote.near``) are neither pushed nor anchored, so the part of a class the vote misses is not
   anchored against the part it pushes (docs/quality-study.md, section 12);
@@ -122,7 +124,9 @@ def build(unet, scheduler, forget: torch.Tensor, n: int, seed: int, steps: int =
           on_batch: Callable[[int, int], None] | None = None, margin: int = 0, spread: int = 0) -> Trajectories:
     """Record ``n`` of the model's own paths and label each by the data-free vote on its end; with ``margin``
     > 0, the paths with at least that many forget images or forget-like paths among their neighbours
-    (``ForgetVote.near``) are left out of the anchors and push targets."""
+    (``ForgetVote.near``) are left out of the anchors and push targets; with ``spread`` > 0, the vote is first
+    spread through the neighbours (``ForgetVote.spread``: a path with at least that many forget images or
+    forget-like paths among its 10 nearest is forget-like too), unless that would leave nothing to anchor."""
     from vdu_core.methods import ForgetVote
 
     if len(forget) == 0:
