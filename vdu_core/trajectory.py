@@ -53,9 +53,9 @@ def check_memory(unet, config, limit: int | None = None) -> None:
         fits = max(2, limit // max(1, recorded_bytes(unet, 1, config.trajectory_steps)))
         raise ConfigError(
             f"recording {config.anchor_samples} paths of {config.trajectory_steps} DDIM steps of this model's "
-            f"images takes {need / 2**30:.1f} GiB, over this service's limit of {limit / 2**30:.1f} GiB "
-            f"(max_trajectory_bytes); at most {fits} paths fit: lower params.anchor_samples or "
-            "params.trajectory_steps", field="params.anchor_samples")
+            f"images takes {need / 2**30:.1f} GiB, over the limit of {limit / 2**30:.1f} GiB "
+            f"(max_trajectory_bytes; the service's VDU_MAX_TRAJECTORY_BYTES); at most {fits} paths fit: "
+            "lower params.anchor_samples or params.trajectory_steps", field="params.anchor_samples")
 
 
 @dataclass

@@ -371,6 +371,8 @@ BAD_JOBS = [
     ("push band reversed", {"params": {"push_band": [0.7, 0.3]}}, "params.push_band"),
     ("push band outside [0, 1]", {"params": {"push_band": [0.3, 2]}}, "params.push_band[1]"),
     ("anchor margin negative", {"params": {"anchor_margin": -1}}, "params.anchor_margin"),
+    ("vote spread beyond 10", {"params": {"vote_spread": 11}}, "params.vote_spread"),
+    ("vote spread not an integer", {"params": {"vote_spread": "wide"}}, "params.vote_spread"),
     ("unknown lr schedule", {"params": {"lr_schedule": "linear"}}, "params.lr_schedule"),
     ("trajectory target with a self-forget share", {"params": {"self_forget_fraction": 0.1}},
      "params.self_forget_fraction"),
