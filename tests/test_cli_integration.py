@@ -34,6 +34,9 @@ def test_unlearn_then_evaluate_through_the_cli(reference_tiny, tmp_path):
     for key in ("pul", "retained_kept", "u_fid_original", "u_fid_unlearned", "forget_loss_ratio", "unlearning"):
         assert key in m, key
     assert m["pul"]["num_samples"] == 16 and "implementation" in m["u_fid_unlearned"]
+    if m["retained_kept"].get("computed"):  # split by the classifier's confidence in the original's sample
+        split = m["retained_kept"]["by_confidence"]
+        assert split["confident"]["n"] + split["unsure"]["n"] == m["retained_kept"]["num_retained"]
     assert m["unlearning"]["steps_run"] == 4
 
     from diffusers import DDPMPipeline

@@ -123,6 +123,25 @@ def test_pul_and_retained_kept_on_healthy_forgetting():
     assert largest_class_share(after)["value"] == pytest.approx(0.15)
 
 
+def test_retained_kept_splits_by_the_originals_confidence():
+    after = BEFORE.clone()
+    conf = torch.full((100,), 0.99)
+    conf[BEFORE == 2] = 0.5  # the original's twos are borderline
+    after[BEFORE == 2] = 7  # ... and they are the ones that flip
+    after[BEFORE == 0] = 6
+    rk = retained_kept(BEFORE, after, 0, before_conf=conf)
+    assert rk["value"] == pytest.approx(80 / 90)
+    split = rk["by_confidence"]
+    assert split["threshold"] == 0.9
+    assert split["confident"] == {"n": 80, "kept": 1.0}
+    assert split["unsure"] == {"n": 10, "kept": 0.0}
+    assert "by_confidence" not in retained_kept(BEFORE, after, 0)
+    everyone_sure = retained_kept(BEFORE, after, 0, before_conf=torch.ones(100))["by_confidence"]
+    assert everyone_sure["unsure"] == {"n": 0, "kept": None}
+    with pytest.raises(ValueError, match="before_conf has 99 values for 100"):
+        retained_kept(BEFORE, after, 0, before_conf=torch.ones(99))
+
+
 def test_collapse_scores_full_pul_but_is_flagged():
     collapsed = torch.full((100,), 3)  # every sample one blob the classifier calls "3"
     assert pul(BEFORE, collapsed, 0)["value"] == 100.0
@@ -290,6 +309,9 @@ def test_evaluate_end_to_end_with_builtin_classifier(tmp_path):
         assert m[key]["seed"] == 7, key
     # Identical weights: same samples, so nothing forgotten, everything kept, no collapse.
     assert m["retained_kept"]["value"] in (1.0, None)
+    if m["retained_kept"]["value"] is not None:  # the split by the original's confidence covers every retained one
+        split = m["retained_kept"]["by_confidence"]
+        assert split["confident"]["n"] + split["unsure"]["n"] == m["retained_kept"]["num_retained"]
     assert m["pul"]["value"] in (0.0, None)
     assert m["u_fid_original"]["value"] == pytest.approx(m["u_fid_unlearned"]["value"])
     assert "not Inception" in m["u_fid_original"]["implementation"]
@@ -314,6 +336,10 @@ def test_format_table_accepts_a_run_record():
     table = format_table({"metrics": metrics})
     names = [line.split("  ")[0] for line in table.splitlines()]
     assert "0.0 (10 -> 10)" in table and "unlearning" not in names and "evaluation_record" not in table
+    conf = torch.where(BEFORE == 2, 0.5, 0.99)
+    split = format_table({"metrics": {"retained_kept": retained_kept(BEFORE, BEFORE, 0, before_conf=conf)}})
+    assert ("1.000 (originals the classifier was sure of / unsure of: confident 1.000 of 80, "
+            "unsure 1.000 of 10)") in split
     assert "100 paired samples, seed 1" in table
 
 

@@ -286,12 +286,17 @@ def pul(before_preds, after_preds, forget_class: int, *, seed: int | None = None
     return {"value": 100.0 * (n_before - n_after) / n_before, "computed": True, **rec}
 
 
-def retained_kept(before_preds, after_preds, forget_class: int, *, seed: int | None = None) -> dict[str, Any]:
+def retained_kept(before_preds, after_preds, forget_class: int, *, seed: int | None = None,
+                  before_conf: torch.Tensor | None = None) -> dict[str, Any]:
     """Of the paired samples the original drew as a class c != k, the share still drawn as c.
 
     A fraction in [0, 1]. It is about 1 when unlearning left the other classes alone and about
     1/num_classes when every sample collapsed into one blob (which PUL alone reads as 100 %).
-    Also reports the per-class breakdown and the share of retained samples that turned into ``k``.
+    Also reports the per-class breakdown and the share of retained samples that turned into ``k``;
+    with ``before_conf`` (the classifier's probability for each original sample's class), the share
+    kept among the originals it was sure of (``CONFIDENT_THRESHOLD``) and among the others: a
+    borderline digit flips under changes that unlearn nothing (another sampler step count), a clear
+    one does not.
     """
     b, a = _paired(before_preds, after_preds)
     k = int(forget_class)
@@ -308,8 +313,18 @@ def retained_kept(before_preds, after_preds, forget_class: int, *, seed: int | N
     for c in sorted(set(b[mask].tolist())):
         m = b == c
         per_class[str(c)] = {"n": int(m.sum()), "kept": _num((a[m] == c).float().mean())}
-    return {"value": kept / n, "computed": True, **rec, "kept": kept,
-            "to_forget_class": _num((a[mask] == k).float().mean()), "per_class": per_class}
+    out = {"value": kept / n, "computed": True, **rec, "kept": kept,
+           "to_forget_class": _num((a[mask] == k).float().mean()), "per_class": per_class}
+    if before_conf is not None:
+        conf = torch.as_tensor(before_conf).flatten().float().cpu()
+        if conf.numel() != b.numel():
+            raise ValueError(f"before_conf has {conf.numel()} values for {b.numel()} paired samples")
+        out["by_confidence"] = {"threshold": CONFIDENT_THRESHOLD}
+        for name, part in (("confident", mask & (conf >= CONFIDENT_THRESHOLD)),
+                           ("unsure", mask & (conf < CONFIDENT_THRESHOLD))):
+            out["by_confidence"][name] = {"n": int(part.sum()),
+                                          "kept": _num((a[part] == b[part]).float().mean()) if part.any() else None}
+    return out
 
 
 def largest_class_share(preds, *, num_classes: int | None = None, seed: int | None = None) -> dict[str, Any]:
@@ -745,7 +760,7 @@ def evaluate(
     nc = classifier.num_classes
     extra = {"classifier": info, "input_conversion": conversion}
     m["pul"] = {**pul(preds_b, preds_a, k, seed=seed), **extra}
-    m["retained_kept"] = {**retained_kept(preds_b, preds_a, k, seed=seed), **extra}
+    m["retained_kept"] = {**retained_kept(preds_b, preds_a, k, seed=seed, before_conf=conf_b), **extra}
     m["largest_class_share_before"] = {**largest_class_share(preds_b, num_classes=nc, seed=seed), **extra}
     m["largest_class_share_after"] = {**largest_class_share(preds_a, num_classes=nc, seed=seed), **extra}
     m["confidence_before"] = {**_confidence_record(conf_b, seed), **extra}
@@ -842,6 +857,10 @@ def _fmt_value(key: str, rec: dict) -> str:
         return f"{v:.3f} ({rec['confident_share']:.0%} >= {CONFIDENT_THRESHOLD})"
     if key in ("pul", "forget_like_drop"):
         return f"{v:.1f} ({rec['n_before']} -> {rec['n_after']})"
+    if key == "retained_kept" and "by_confidence" in rec:
+        parts = [f"{name} {part['kept']:.3f} of {part['n']}" for name, part in rec["by_confidence"].items()
+                 if isinstance(part, dict) and part["kept"] is not None]
+        return f"{v:.3f} (originals the classifier was sure of / unsure of: {', '.join(parts)})"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
