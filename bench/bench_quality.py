@@ -11,7 +11,10 @@ retained-kept share, largest single-class share, forget-set loss ratio, wall tim
 unlearning (posterior + anchors + loop), and how far the paired samples moved (mean pixel L2 between
 before and after, over the seeds that were the forgotten class / another class: "moved F/R"; a method
 that forgets selectively moves the first far and the second little). The original model's samples are
-drawn once per model.
+drawn once per model, and once more with twice the sampler steps from the same seeds: what that change,
+which unlearns nothing, keeps of the retained seeds ("null ret.kept") is the yardstick for retained-kept —
+a borderline digit flips under any change. "ret.kept (conf ≥ 0.9)": retained-kept over the originals the
+classifier was sure of.
 Prints one table and appends it, with the exact settings, to ``--log`` (markdown).
 """
 
@@ -76,6 +79,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lineage", action="store_true", help="use the model's lineage checkpoints (posterior)")
     ap.add_argument("--log", default="bench/results/quality.md")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--no-null", action="store_true", help="skip the twice-the-steps yardstick")
     args = ap.parse_args(argv)
 
     from diffusers import DDPMPipeline
@@ -99,6 +103,10 @@ def main(argv=None) -> None:
     hist_b = metrics.class_histogram(preds_b, 10)
     print(f"{model_dir.name}: original class histogram over {args.samples} samples: {hist_b} "
           f"({t_before:.0f}s)", flush=True)
+    preds_null = None
+    if not args.no_null:
+        null = sample_images(pipe.unet, pipe.scheduler, args.samples, seed=args.seed, steps=2 * args.sample_steps)
+        preds_null, _ = metrics.classify(classifier, null)
 
     rows = []
     for k in args.digits:
@@ -114,7 +122,8 @@ def main(argv=None) -> None:
             p = metrics.pul(preds_b, preds_a, k)["value"]
             sure = conf_b >= 0.9  # PUL on the forget-class samples the classifier was sure of
             p_sure = metrics.pul(preds_b[sure], preds_a[sure], k)
-            rk = metrics.retained_kept(preds_b, preds_a, k)["value"]
+            rk_rec = metrics.retained_kept(preds_b, preds_a, k, before_conf=conf_b)
+            rk = rk_rec["value"]
             share = metrics.largest_class_share(preds_a, num_classes=10)
             fid_a = metrics.u_fid(after, real_stats, classifier)["value"]
             col = metrics.collapse_check(preds_b, preds_a, k, u_fid_ratio=fid_a / fid_b)
@@ -131,6 +140,9 @@ def main(argv=None) -> None:
                    "moved_retained": float(moved[~was_forget].mean()),
                    "collapsed": col["value"], "meets_floors": ok, "data_free": data_free, "pul_sure": p_sure,
                    "stopped_by": report.stopped_by,
+                   "rk_sure": rk_rec["by_confidence"]["confident"]["kept"],
+                   "rk_null": (metrics.retained_kept(preds_b, preds_null, k)["value"]
+                               if preds_null is not None else None),
                    "guard": (report.guard or {}).get("checks", []),
                    "params": {k2: v for k2, v in params.items() if k2 != "method"}}
             rows.append(row)
@@ -149,7 +161,8 @@ def main(argv=None) -> None:
 
 HEADER = (f"| {'digit':>5} | {'method':<16} | {'PUL %':>6} | {'u-FID orig':>10} | {'u-FID unl':>9} | "
           f"{'ratio':>5} | {'ret.kept':>8} | {'top share':>9} | {'forget loss x':>13} | {'steps':>5} | "
-          f"{'time s':>6} | {'moved F/R':>9} | {'data-free drop %':>16} | {'PUL % (conf ≥ 0.9)':>18} | floors |")
+          f"{'time s':>6} | {'moved F/R':>9} | {'data-free drop %':>16} | {'PUL % (conf ≥ 0.9)':>18} | "
+          f"{'ret.kept (conf ≥ 0.9)':>21} | {'null ret.kept':>13} | floors |")
 
 
 def fmt_row(r: dict) -> str:
@@ -159,11 +172,13 @@ def fmt_row(r: dict) -> str:
     drop = f"{df['value']:.1f} ({df['n_before']}->{df['n_after']})" if df.get("computed") else "n/a"
     ps = r.get("pul_sure") or {}
     sure = f"{ps['value']:.1f} ({ps['n_before']}->{ps['n_after']})" if ps.get("computed") else "n/a"
+    rk_sure = f"{r['rk_sure']:.3f}" if r.get("rk_sure") is not None else "n/a"
+    rk_null = f"{r['rk_null']:.3f}" if r.get("rk_null") is not None else "n/a"
     return (f"| {r['digit']:>5} | {r['method']:<16} | {pul:>6} | {r['u_fid_orig']:>10.2f} | "
             f"{r['u_fid_unl']:>9.2f} | {r['u_fid_unl'] / r['u_fid_orig']:>5.2f} | {r['retained_kept']:>8.3f} | "
             f"{r['largest_share']:>6.3f} ({r['largest_class']}) | {r['forget_ratio']:>13.2f} | {r['steps']:>5} | "
             f"{r['secs']:>6.0f} | {r['moved_forget']:>4.1f}/{r['moved_retained']:<4.1f} | {drop:>16} | {sure:>18} | "
-            f"{verdict} |")
+            f"{rk_sure:>21} | {rk_null:>13} | {verdict} |")
 
 
 def render(rows, args, model_dir, hist_b) -> str:
@@ -172,10 +187,12 @@ def render(rows, args, model_dir, hist_b) -> str:
         "",
         f"forget set: {args.forget_count} real digits of the class; {args.samples} paired samples, "
         f"DDIM-{args.sample_steps}, seed {args.seed}; original histogram {hist_b}; "
-        f"overrides {parse_sets(args.set) or 'none'}; lineage posterior: {args.lineage}",
+        f"overrides {parse_sets(args.set) or 'none'}; lineage posterior: {args.lineage}"
+        + ("" if args.no_null else f"; null ret.kept: the original itself with DDIM-{2 * args.sample_steps}, "
+                                     "same seeds"),
         "",
         HEADER,
-        "|" + "|".join("---" for _ in range(15)) + "|",
+        "|" + "|".join("---" for _ in range(17)) + "|",
         *[fmt_row(r) for r in rows],
         "",
     ]
