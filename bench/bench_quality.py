@@ -120,7 +120,7 @@ def main(argv=None) -> None:
             after = sample_images(unet, pipe.scheduler, args.samples, seed=args.seed, steps=args.sample_steps)
             preds_a, _ = metrics.classify(classifier, after)
             p = metrics.pul(preds_b, preds_a, k)["value"]
-            sure = conf_b >= 0.9  # PUL on the forget-class samples the classifier was sure of
+            sure = conf_b >= metrics.CONFIDENT_THRESHOLD  # PUL on the forget-class samples it was sure of
             p_sure = metrics.pul(preds_b[sure], preds_a[sure], k)
             rk_rec = metrics.retained_kept(preds_b, preds_a, k, before_conf=conf_b)
             rk = rk_rec["value"]

@@ -138,6 +138,8 @@ def test_retained_kept_splits_by_the_originals_confidence():
     assert "by_confidence" not in retained_kept(BEFORE, after, 0)
     everyone_sure = retained_kept(BEFORE, after, 0, before_conf=torch.ones(100))["by_confidence"]
     assert everyone_sure["unsure"] == {"n": 0, "kept": None}
+    nan = retained_kept(BEFORE, after, 0, before_conf=torch.full((100,), float("nan")))["by_confidence"]
+    assert nan["confident"]["n"] == 0 and nan["unsure"]["n"] == 90  # every retained sample lands in a bin
     with pytest.raises(ValueError, match="before_conf has 99 values for 100"):
         retained_kept(BEFORE, after, 0, before_conf=torch.ones(99))
 

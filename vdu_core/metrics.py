@@ -320,8 +320,8 @@ def retained_kept(before_preds, after_preds, forget_class: int, *, seed: int | N
         if conf.numel() != b.numel():
             raise ValueError(f"before_conf has {conf.numel()} values for {b.numel()} paired samples")
         out["by_confidence"] = {"threshold": CONFIDENT_THRESHOLD}
-        for name, part in (("confident", mask & (conf >= CONFIDENT_THRESHOLD)),
-                           ("unsure", mask & (conf < CONFIDENT_THRESHOLD))):
+        sure = conf >= CONFIDENT_THRESHOLD
+        for name, part in (("confident", mask & sure), ("unsure", mask & ~sure)):  # NaN counts as unsure
             out["by_confidence"][name] = {"n": int(part.sum()),
                                           "kept": _num((a[part] == b[part]).float().mean()) if part.any() else None}
     return out
@@ -858,8 +858,9 @@ def _fmt_value(key: str, rec: dict) -> str:
     if key in ("pul", "forget_like_drop"):
         return f"{v:.1f} ({rec['n_before']} -> {rec['n_after']})"
     if key == "retained_kept" and "by_confidence" in rec:
-        parts = [f"{name} {part['kept']:.3f} of {part['n']}" for name, part in rec["by_confidence"].items()
-                 if isinstance(part, dict) and part["kept"] is not None]
+        split = rec["by_confidence"]
+        parts = [f"{name} {split[name]['kept']:.3f} of {split[name]['n']}" for name in ("confident", "unsure")
+                 if split[name]["kept"] is not None]
         return f"{v:.3f} (originals the classifier was sure of / unsure of: {', '.join(parts)})"
     if isinstance(v, float):
         return f"{v:.4g}"
