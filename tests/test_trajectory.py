@@ -24,6 +24,24 @@ def test_recorded_paths_are_the_samplers_own(tiny_scheduler):
     assert torch.equal(x[0], initial_noise(10, (1, 8, 8), seed=3))
     with torch.no_grad():
         assert torch.allclose(eps[2], unet(x[2], t[2]).sample, atol=1e-6)
+    x7 = trajectory.record(unet, tiny_scheduler, 10, seed=3, steps=5, batch_size=7)[0]
+    assert torch.allclose(x7, x, atol=1e-5)  # a path depends on its seed, not on the batch it was drawn in
+
+
+def test_one_pass_through_push_and_anchor_states_is_two_passes(tiny_scheduler):
+    """The training step sends the push batch and the anchor batch through the network together; per-sample
+    normalisation makes that the same as two passes (outputs and gradients)."""
+    unet = make_tiny_unet().train()
+    a, b = torch.randn(3, 1, 8, 8), torch.randn(5, 1, 8, 8)
+    ta, tb = torch.tensor([900, 10, 400]), torch.tensor([1, 2, 300, 600, 999])
+    both = unet(torch.cat([a, b]), torch.cat([ta, tb])).sample
+    both.pow(2).sum().backward()
+    g_one = [p.grad.clone() for p in unet.parameters()]
+    unet.zero_grad()
+    apart = torch.cat([unet(a, ta).sample, unet(b, tb).sample])
+    apart.pow(2).sum().backward()
+    assert torch.allclose(both, apart, atol=1e-5)
+    assert all(torch.allclose(g1, p.grad, atol=1e-4, rtol=1e-4) for g1, p in zip(g_one, unet.parameters(), strict=True))
 
 
 def _paths(unet, scheduler, forget_like):
