@@ -121,7 +121,7 @@ def test_defaults_follow_the_target():
     d = UnlearnConfig.from_dict({})
     assert (d.plasticity_target, d.gamma, d.laplace_weight, d.anchor_weight, d.batch_size, d.steps, d.lr,
             d.lr_schedule, d.guidance_scale, d.anchor_margin, d.anchor_samples) == (
-        "trajectory", 0.0, 1e4, 10.0, 32, 150, 2e-4, "cosine", 2.5, 1, 2048)
+        "trajectory", 0.0, 1e4, 10.0, 64, 150, 2e-4, "cosine", 2.5, 1, 2048)
     ng = UnlearnConfig.from_dict({"plasticity_target": "negative_guidance"})
     assert (ng.gamma, ng.laplace_weight, ng.anchor_weight, ng.batch_size, ng.guidance_scale, ng.grad_clip, ng.lr,
             ng.lr_schedule) == (0.5, 0.0, 1.0, 16, 5.0, 1.0, 1e-4, "constant")

@@ -145,7 +145,10 @@ class UnlearnConfig(_Validated):
                       doc="Adam learning rate (the peak of the schedule; the forget-image targets: 1e-4, constant)")
     lr_schedule: Literal["constant", "cosine"] = _spec(
         "cosine", doc="'cosine': linear warm-up over the first 5 % of the steps, then cosine decay to 0")
-    batch_size: int = _spec(32, ge=1, le=1024, doc="forget points (and anchor points) per step")
+    batch_size: int = _spec(
+        64, ge=1, le=1024,
+        doc="forget points (and anchor points) per step (the trajectory target sends both through the network in "
+            "one pass of twice this; the forget-image targets: 16)")
     timestep_weighting: Literal["uniform", "elbo"] = "uniform"
     t_min: int = _spec(0, ge=0, doc="smallest timestep sampled for the plasticity term")
     t_max: int | None = _spec(None, ge=1, doc="largest timestep (exclusive); default: the scheduler's")
