@@ -1,11 +1,11 @@
 """What two cheaper ways of doing the default job's work save.
 
-    python bench/bench_job.py [--model mnist-ddpm] [--paths 256] [--reps 20]
+    python bench/bench_job.py [--model mnist-ddpm] [--paths 256] [--reps 20] [--batch 64]
 
 Prints one table, every row measured in the same run on the same model (the default ``vdu`` settings):
 
 * recording the model's own DDIM-25 paths (``trajectory.record``) in batches of 64 (the default, baseline)
-  and of 128: seconds per path, and the ratio (2 threads here: 0.98, so the default stays 64);
+  and of 128: seconds per path, and the ratio (2 threads here: 0.92–0.98 over three runs; the default stays 64);
 * one training step of the trajectory target (push + anchors + Laplace penalty, forward and backward): the
   push and anchor batches through the network in two passes (the former step, baseline, written out here)
   and in one pass of twice the batch (the library's ``VDU.compute``): median seconds per step, and the ratio.
@@ -38,21 +38,11 @@ from vdu_core.reference import REFERENCE_DIR, load_mnist_5k  # noqa: E402
 
 def two_pass_step(method, ctx, batch) -> torch.Tensor:
     """The step as it was before one pass served both batches: the same draws, two forwards."""
-    cfg, tr, g, dev = method.config, ctx.trajectories, ctx.generator, ctx.device
-    n = cfg.batch_size
-    T = ctx.scheduler.config.num_train_timesteps
-    low, high = (int(round(f * T)) for f in cfg.push_band)
-    f_idx, r_idx = tr.forget_idx, tr.retained_idx
-    band = tr.band(low, high)
-    i = f_idx[torch.randint(0, len(f_idx), (n,), generator=g)]
-    k = band[torch.randint(0, len(band), (n,), generator=g)]
-    x_t, t, eps0 = tr.x[k, i].to(dev), tr.t[k].to(dev), tr.eps[k, i].to(dev)
-    target = trajectory.push_target(x_t, t, eps0, tr.ends[r_idx].to(dev), ctx.scheduler, cfg.guidance_scale)
+    cfg = method.config
+    x_t, t, target = method.push_states(ctx, batch)
     loss = per_sample_mse(ctx.unet(x_t, t).sample, target).mean()
-    i = r_idx[torch.randint(0, len(r_idx), (n,), generator=g)]
-    k = torch.randint(0, len(tr.t), (n,), generator=g)
-    per = per_sample_mse(ctx.unet(tr.x[k, i].to(dev), tr.t[k].to(dev)).sample, tr.eps[k, i].to(dev))
-    loss = loss + cfg.anchor_weight * (tr.step_weight[k].to(dev) * per).mean()
+    xa, ta, eps_a, w_a = method.anchor_states(ctx)
+    loss = loss + cfg.anchor_weight * (w_a * per_sample_mse(ctx.unet(xa, ta).sample, eps_a)).mean()
     return loss + cfg.laplace_weight * ctx.laplace.penalty()
 
 
@@ -61,12 +51,13 @@ def main() -> None:
     ap.add_argument("--model", default="mnist-ddpm")
     ap.add_argument("--paths", type=int, default=256)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=None, help="the step's batch (default: the job's default)")
     args = ap.parse_args()
     from diffusers import DDPMPipeline
 
     pipe = DDPMPipeline.from_pretrained(REFERENCE_DIR / args.model, use_safetensors=True)
     unet, sched = pipe.unet, pipe.scheduler
-    cfg = UnlearnConfig.from_dict({"method": "vdu"})
+    cfg = UnlearnConfig.from_dict({"method": "vdu", **({"batch_size": args.batch} if args.batch else {})})
     images, labels = load_mnist_5k()
     forget = images[labels == 0][:100]
 

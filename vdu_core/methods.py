@@ -207,18 +207,17 @@ class VDU(UnlearningMethod):
             report["laplace"] = float(lap.detach())
         return Terms(loss, self.config.gamma, report)
 
-    def _trajectory_terms(self, ctx, batch: ForgetBatch) -> Terms:
-        """The trajectory target (``vdu_core.trajectory``): push the states of the forget-like paths in the
-        ``push_band`` toward the retained outputs' denoiser, anchor the other paths' states to the original's
-        ε, each weighted by its sampler step's sensitivity. Should the vote find no forget-like path, the
-        noised forget images in the band are pushed instead."""
+    def push_states(self, ctx, batch: ForgetBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch of pushed states and their targets (x_t, t, target): states of the forget-like paths in the
+        ``push_band``, each with the retained outputs' denoiser target (``trajectory.push_target``). Should the
+        vote find no forget-like path, the noised forget images in the band are pushed instead."""
         from vdu_core.trajectory import push_target
 
         cfg, tr, g, dev = self.config, ctx.trajectories, ctx.generator, ctx.device
         n = cfg.batch_size
         T = ctx.scheduler.config.num_train_timesteps
         low, high = (int(round(f * T)) for f in cfg.push_band)
-        f_idx, r_idx = tr.forget_idx, tr.retained_idx
+        f_idx = tr.forget_idx
         band = tr.band(low, high)
         if len(f_idx):
             i = f_idx[torch.randint(0, len(f_idx), (n,), generator=g)]
@@ -229,11 +228,25 @@ class VDU(UnlearningMethod):
             x_t = ctx.scheduler.add_noise(batch.x0, batch.noise, t)
             with torch.no_grad():
                 eps0 = ctx.original(x_t, t).sample
-        target = push_target(x_t, t, eps0, tr.ends[r_idx].to(dev), ctx.scheduler, cfg.guidance_scale)
-        if cfg.anchor_weight > 0:  # one pass through both batches: a batch of 2n costs less than two of n
-            i = r_idx[torch.randint(0, len(r_idx), (n,), generator=g)]
-            k = torch.randint(0, len(tr.t), (n,), generator=g)
-            pred = ctx.unet(torch.cat([x_t, tr.x[k, i].to(dev)]), torch.cat([t, tr.t[k].to(dev)])).sample
+        return x_t, t, push_target(x_t, t, eps0, tr.ends[tr.retained_idx].to(dev), ctx.scheduler, cfg.guidance_scale)
+
+    def anchor_states(self, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch of anchored states (x, t, recorded ε, step weight) drawn over the retained paths and all steps."""
+        tr, g, dev, n = ctx.trajectories, ctx.generator, ctx.device, self.config.batch_size
+        i = tr.retained_idx[torch.randint(0, len(tr.retained_idx), (n,), generator=g)]
+        k = torch.randint(0, len(tr.t), (n,), generator=g)
+        return tr.x[k, i].to(dev), tr.t[k].to(dev), tr.eps[k, i].to(dev), tr.step_weight[k].to(dev)
+
+    def _trajectory_terms(self, ctx, batch: ForgetBatch) -> Terms:
+        """The trajectory target (``vdu_core.trajectory``): push the states of the forget-like paths in the
+        ``push_band`` toward the retained outputs' denoiser, anchor the other paths' states to the original's
+        ε, each weighted by its sampler step's sensitivity. Both batches go through the network in one pass (a
+        batch of 2n costs less than two of n; GroupNorm is per sample, so the result is the same)."""
+        cfg = self.config
+        x_t, t, target = self.push_states(ctx, batch)
+        if cfg.anchor_weight > 0:
+            xa, ta, eps_a, w_a = self.anchor_states(ctx)
+            pred = ctx.unet(torch.cat([x_t, xa]), torch.cat([t, ta])).sample
             pred, anchored = pred[: len(x_t)], pred[len(x_t):]
         else:
             pred = ctx.unet(x_t, t).sample
@@ -241,7 +254,7 @@ class VDU(UnlearningMethod):
         loss = (1.0 - cfg.gamma) * push
         report = {"push": float(push.detach())}
         if cfg.anchor_weight > 0:
-            fs = (tr.step_weight[k].to(dev) * per_sample_mse(anchored, tr.eps[k, i].to(dev))).mean()
+            fs = (w_a * per_sample_mse(anchored, eps_a)).mean()
             loss = loss + cfg.anchor_weight * fs
             report["function_space"] = float(fs.detach())
         return self._add_laplace(ctx, loss, report)
