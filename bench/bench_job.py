@@ -40,7 +40,7 @@ def two_pass_step(method, ctx, batch) -> torch.Tensor:
     """The step as it was before one pass served both batches: the same draws, two forwards."""
     cfg = method.config
     x_t, t, target = method.push_states(ctx, batch)
-    loss = per_sample_mse(ctx.unet(x_t, t).sample, target).mean()
+    loss = (1.0 - cfg.gamma) * per_sample_mse(ctx.unet(x_t, t).sample, target).mean()
     xa, ta, eps_a, w_a = method.anchor_states(ctx)
     loss = loss + cfg.anchor_weight * (w_a * per_sample_mse(ctx.unet(xa, ta).sample, eps_a)).mean()
     return loss + cfg.laplace_weight * ctx.laplace.penalty()

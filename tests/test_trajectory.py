@@ -44,6 +44,41 @@ def test_one_pass_through_push_and_anchor_states_is_two_passes(tiny_scheduler):
     assert all(torch.allclose(g1, p.grad, atol=1e-4, rtol=1e-4) for g1, p in zip(g_one, unet.parameters(), strict=True))
 
 
+def test_the_step_is_the_two_passes_it_replaces(tiny_scheduler):
+    """The library's step (one pass through the push and anchor batches) gives the loss and gradients of the
+    push and anchor terms computed apart from the same draws: the slicing back into the two batches is right."""
+    from vdu_core.loop import Context
+    from vdu_core.methods import ForgetBatch, get_method
+    from vdu_core.objective import per_sample_mse, timestep_weights
+
+    unet = make_tiny_unet().train()
+    tr = _paths(unet, tiny_scheduler, [i % 3 == 0 for i in range(24)])
+    cfg = _cfg(batch_size=6, laplace_weight=0.0)
+    method = get_method("vdu")(cfg)
+    x0 = torch.randn(6, 1, 8, 8)
+    t = torch.full((6,), 500)
+    batch = ForgetBatch(x0, torch.randn_like(x0), t, x0, timestep_weights(tiny_scheduler, t, "uniform"))
+
+    def ctx():
+        c = Context(unet, tiny_scheduler, cfg, torch.device("cpu"), torch.Generator().manual_seed(5), tr.ends)
+        c.trajectories = tr
+        return c
+
+    unet.zero_grad()
+    one = method.compute(ctx(), batch).loss
+    one.backward()
+    g_one = [p.grad.clone() for p in unet.parameters()]
+    unet.zero_grad()
+    c = ctx()
+    x_t, tt, target = method.push_states(c, batch)
+    xa, ta, eps_a, w_a = method.anchor_states(c)
+    two = (per_sample_mse(unet(x_t, tt).sample, target).mean()
+           + cfg.anchor_weight * (w_a * per_sample_mse(unet(xa, ta).sample, eps_a)).mean())
+    two.backward()
+    assert torch.allclose(one, two, rtol=1e-5)
+    assert all(torch.allclose(g1, p.grad, atol=1e-5, rtol=1e-4) for g1, p in zip(g_one, unet.parameters(), strict=True))
+
+
 def _paths(unet, scheduler, forget_like):
     x, eps, t, ends = trajectory.record(unet, scheduler, len(forget_like), seed=0, steps=10)
     return trajectory.Trajectories(x, eps, t, ends, torch.tensor(forget_like), sampler_step_weights(scheduler, t, 10))

@@ -107,19 +107,16 @@ def main() -> None:
         sd = unet.state_dict()
         deltas.append({k: (sd[k] - theta0[k]) for k in theta0 if theta0[k].is_floating_point()})
         evaluate(f"run seed {base_seed + r}{''.join(f', {k} {v}' for k, v in variant.items())}", unet, secs)
-        if vary is not None:
-            continue
     if vary is not None:
         return
     mean = {k: sum(d[k] for d in deltas) / runs for k in deltas[0]}
     if save:
         torch.save({"deltas": deltas}, save)
-    cos = []
     if runs >= 2:
         a = torch.cat([deltas[0][k].flatten() for k in mean])
         b = torch.cat([deltas[1][k].flatten() for k in mean])
-        cos.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
-        print(f"\ncosine(Δ_0, Δ_1) = {cos[0]:.3f}; |Δ_0| {float(a.norm()):.3f}, |Δ_1| {float(b.norm()):.3f}, "
+        cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+        print(f"\ncosine(Δ_0, Δ_1) = {cos:.3f}; |Δ_0| {float(a.norm()):.3f}, |Δ_1| {float(b.norm()):.3f}, "
               f"|mean| {float(torch.cat([mean[k].flatten() for k in mean]).norm()):.3f}\n", flush=True)
     for s in scales:
         unet = copy.deepcopy(pipe.unet)
