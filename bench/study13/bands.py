@@ -5,9 +5,9 @@
 DELTAS is a file written by ``bench/study12/soup.py … save=FILE`` (its first run's weight change is used).
 The benchmark's 512 paired samples (seed 1234, DDIM-25) are drawn with the unlearned model at the steps whose
 timestep lies in one band and the original everywhere else, for the bands above, inside and below the default
-push band (0.3–0.7 T), and every step; per band: PUL, retained-kept (all, and split by the classifier's confidence
-in the original's sample) and the mean pixel move of the forget-class / retained seeds (docs/quality-study.md,
-sections 7 and 17).
+push band (``UnlearnConfig``'s ``push_band``, 0.3–0.7 T), and every step; per band: PUL, retained-kept (all, and
+split by the classifier's confidence in the original's sample) and the mean pixel move of the forget-class /
+retained seeds (docs/quality-study.md, sections 7 and 17).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from diffusers import DDPMPipeline  # noqa: E402
 
 from vdu_core import metrics  # noqa: E402
+from vdu_core.config import UnlearnConfig  # noqa: E402
 from vdu_core.reference import REFERENCE_DIR  # noqa: E402
 from vdu_core.sampling import sample_images  # noqa: E402
 
@@ -57,9 +58,10 @@ def main() -> None:
     print(f"\n### bench/study13/bands.py {' '.join(sys.argv[1:])}\n")
     print("| unlearned model used at | PUL % | ret.kept | ret.kept (conf ≥ 0.9) | ret.kept (conf < 0.9) | moved F/R |")
     print("|---|---:|---:|---:|---:|---:|", flush=True)
-    lo, hi = int(0.3 * T), int(0.7 * T)
-    for name, low, high in [("t ≥ 0.7 T", hi, T + 1), ("0.3 T ≤ t < 0.7 T", lo, hi), ("t < 0.3 T", 0, lo),
-                            ("t ≥ 0.3 T", lo, T + 1), ("every step", 0, T + 1)]:
+    a, b = UnlearnConfig.from_dict({}).push_band  # the default push band, as the job rounds it
+    lo, hi = int(round(a * T)), int(round(b * T))
+    for name, low, high in [(f"t ≥ {b} T", hi, T + 1), (f"{a} T ≤ t < {b} T", lo, hi), (f"t < {a} T", 0, lo),
+                            (f"t ≥ {a} T", lo, T + 1), ("every step", 0, T + 1)]:
         after = sample_images(Hybrid(original, unlearned, low, high), pipe.scheduler, 512, seed=1234, steps=25)
         pa, _ = metrics.classify(classifier, after)
         rk = metrics.retained_kept(pb, pa, digit, before_conf=cb)
