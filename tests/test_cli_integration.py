@@ -51,9 +51,10 @@ def test_unlearn_then_evaluate_through_the_cli(reference_tiny, tmp_path):
     assert not list(tmp_path.glob(".unlearned.partial-*")), "no temporary output left behind"
 
     proc = _cli("evaluate", "--original", str(reference_tiny), "--unlearned", str(out), "--forget-class", "0",
-                "--forget", str(forget), "--num-samples", "16", "--sample-steps", "4")
+                "--forget", str(forget), "--num-samples", "16", "--sample-steps", "4", "--null-yardstick")
     assert proc.returncode == 0, proc.stderr
     assert "PUL" in proc.stdout or "pul" in proc.stdout
+    assert "retained-kept, null yardstick" in proc.stdout and "DDIM-8 instead of DDIM-4" in proc.stdout
 
 
 def test_bad_inputs_give_clear_errors_and_write_nothing(reference_tiny, tmp_path):

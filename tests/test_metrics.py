@@ -37,6 +37,7 @@ from vdu_core.metrics import (
     frechet_distance_from_stats,
     largest_class_share,
     load_classifier,
+    null_steps,
     pul,
     retained_kept,
     timestep_grid,
@@ -296,7 +297,7 @@ def test_evaluate_refuses_a_bad_classifier_before_sampling():
 @pytest.mark.skipif(not HAS_BUILTIN, reason="reference/classifier not trained: scripts/train_reference.py")
 def test_evaluate_end_to_end_with_builtin_classifier(tmp_path):
     original, unlearned = _pipes()
-    cfg = EvalConfig(forget_class=0, num_samples=8, grid_samples=6, sample_steps=2, seed=7)
+    cfg = EvalConfig(forget_class=0, num_samples=8, grid_samples=6, sample_steps=2, seed=7, null_yardstick=True)
     torch.manual_seed(0)
     forget = torch.rand(4, 1, 16, 16) * 2 - 1
     phases = []
@@ -321,13 +322,32 @@ def test_evaluate_end_to_end_with_builtin_classifier(tmp_path):
     assert "resized 16x16" in m["pul"]["input_conversion"]
     assert m["forget_loss_ratio"]["value"] == pytest.approx(1.0)
     assert res["collapsed"] is False
-    assert {"sample_original", "sample_unlearned", "classify", "u_fid", "forget_loss"} <= set(phases)
+    assert {"sample_original", "sample_unlearned", "classify", "u_fid", "forget_loss", "sample_null"} <= set(phases)
+    # the yardstick: the original against itself with twice the steps, split by confidence like retained_kept
+    null = m["retained_kept_null"]
+    assert null["null_sample_steps"] == 4 and "DDIM-4 instead of DDIM-2" in null["implementation"]
+    assert null["seed"] == 7 and null["num_samples"] == 8
+    assert null["value"] is None or 0.0 <= null["value"] <= 1.0
+    assert "retained-kept, null yardstick" in format_table(res)
     for name in ("before.png", "after.png"):
         with Image.open(tmp_path / "samples" / name) as img:
             assert img.size == (6 * 18 + 2, 18 + 2)
     table = format_table(res)
     assert "PUL" in table and "u-FID, original" in table and "collapse" in table
     assert "8 paired samples, seed 7" in table
+
+
+@pytest.mark.skipif(not HAS_BUILTIN, reason="reference/classifier not trained: scripts/train_reference.py")
+def test_null_yardstick_steps_and_switch():
+    assert null_steps(25, 1000) == 50 and null_steps(600, 1000) == 300 and null_steps(1, 1) == 1
+    original, unlearned = _pipes()
+    cfg = EvalConfig(forget_class=0, num_samples=8, sample_steps=2)  # off by default: it costs a sampling pass
+    phases = []
+    res = evaluate(original, unlearned, None, cfg, on_progress=lambda phase, done, total: phases.append(phase))
+    assert "retained_kept_null" not in res["metrics"] and "sample_null" not in phases
+    with pytest.raises(ConfigError) as exc:
+        EvalConfig.from_dict({"null_yardstick": "yes"}, prefix="evaluation")
+    assert exc.value.field == "evaluation.null_yardstick"
 
 
 def test_format_table_accepts_a_run_record():

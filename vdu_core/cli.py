@@ -42,6 +42,10 @@ def _params(args) -> dict:
     return params
 
 
+NULL_HELP = ("also report retained_kept_null: the original against itself with twice the DDIM steps, what a "
+             "change that unlearns nothing keeps (one more sampling pass)")
+
+
 def _eval_params(args) -> dict:
     ev = {}
     for name in ("forget_class", "num_samples", "sample_steps", "classifier"):
@@ -52,6 +56,8 @@ def _eval_params(args) -> dict:
         ev["seed"] = args.eval_seed
     if getattr(args, "no_eval", False):
         ev["enabled"] = False
+    if getattr(args, "null_yardstick", False):
+        ev["null_yardstick"] = True
     return ev
 
 
@@ -183,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--sample-steps", dest="sample_steps", type=int, help="DDIM steps for sampling")
     u.add_argument("--eval-seed", dest="eval_seed", type=int)
     u.add_argument("--no-eval", dest="no_eval", action="store_true", help="skip the evaluation")
+    u.add_argument("--null-yardstick", dest="null_yardstick", action="store_true", help=NULL_HELP)
     u.add_argument("--eval-param", dest="eval_param", action="append", metavar="KEY=VALUE",
                    help="an SD evaluation option (vdu_core.sd.config.SDEvalConfig), e.g. detector=nudenet")
     u.add_argument("--cache-dir", dest="cache_dir", help="posterior cache (default ~/.cache/vdu)")
@@ -199,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-samples", dest="num_samples", type=int)
     e.add_argument("--sample-steps", dest="sample_steps", type=int)
     e.add_argument("--eval-seed", dest="eval_seed", type=int)
+    e.add_argument("--null-yardstick", dest="null_yardstick", action="store_true", help=NULL_HELP)
     e.add_argument("--out", help="folder for before/after grids")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)

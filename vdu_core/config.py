@@ -308,6 +308,10 @@ class EvalConfig(_Validated):
     grid_samples: int = _spec(64, ge=1, le=256)
     sample_steps: int = _spec(25, ge=2, le=1000, doc="DDIM steps for sampling (the quality study's setting)")
     seed: int = _spec(1234, ge=0, le=2**31 - 1)
+    null_yardstick: bool = _spec(
+        False, doc="also draw the original with twice the DDIM steps (half, where twice is more than its "
+                   "timesteps) from the same seeds: retained_kept_null, what a change that unlearns nothing keeps "
+                   "(one more sampling pass at twice the steps: about half the evaluation's time again)")
     enabled: bool = True
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "forget_set_loss",
     "forget_set_loss_profile",
     "collapse_check",
+    "null_steps",
     "evaluate",
     "evaluate_dirs",
     "format_table",
@@ -638,6 +639,29 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "numpy": np.__version__}
 
 
+def null_steps(sample_steps: int, num_train_timesteps: int) -> int:
+    """The other DDIM step count of the null yardstick: twice ``sample_steps``, or half where twice is more
+    than the schedule's timesteps."""
+    return 2 * sample_steps if 2 * sample_steps <= num_train_timesteps else max(1, sample_steps // 2)
+
+
+def _null_yardstick(pipe, before: torch.Tensor, preds_b, conf_b, k: int, cfg: EvalConfig, classifier,
+                    batch_size: int, progress, timings: dict) -> dict[str, Any]:
+    """``retained_kept`` of the original against itself drawn with another step count from the same seeds."""
+    t0 = time.perf_counter()
+    steps = null_steps(cfg.sample_steps, int(pipe.scheduler.config.num_train_timesteps))
+    null = sample_images(pipe.unet, pipe.scheduler, len(before), seed=cfg.seed, steps=steps, batch_size=batch_size,
+                         on_batch=lambda done, total: progress("sample_null", done, total))
+    preds_n, _ = classify(classifier, null)
+    timings["sample_null"] = round(time.perf_counter() - t0, 3)
+    rec = retained_kept(preds_b, preds_n, k, seed=cfg.seed, before_conf=conf_b)
+    rec["implementation"] = (f"retained_kept of the original model against itself drawn with DDIM-{steps} instead "
+                             f"of DDIM-{cfg.sample_steps} from the same seeds: a change that unlearns nothing. "
+                             "The yardstick for retained_kept: borderline samples flip under any change")
+    rec["null_sample_steps"] = steps
+    return rec
+
+
 def evaluate(
     original_pipe,
     unlearned_pipe,
@@ -657,7 +681,9 @@ def evaluate(
     ``cfg.grid_samples``) and ``samples/before_after.png`` under ``out_dir``, and computes the
     forget-set loss before/after. With ``cfg.forget_class`` set it also classifies both sample sets
     with ``cfg.classifier`` (or the given ``classifier``) for PUL, retained-kept, class shares,
-    confidences, u-FID of both models and the collapse check. u-FID's real images are
+    confidences, u-FID of both models and the collapse check, and (``cfg.null_yardstick``) ``retained_kept_null``:
+    the original against itself drawn with another DDIM step count, what retained-kept reads for a change that
+    unlearns nothing. u-FID's real images are
     ``reference_data`` (images, labels) when given, else for ``builtin:mnist`` the 5,000 reference
     digits, always without class k. ``on_progress(phase, done, total)`` reports each phase.
     """
@@ -761,6 +787,9 @@ def evaluate(
     extra = {"classifier": info, "input_conversion": conversion}
     m["pul"] = {**pul(preds_b, preds_a, k, seed=seed), **extra}
     m["retained_kept"] = {**retained_kept(preds_b, preds_a, k, seed=seed, before_conf=conf_b), **extra}
+    if cfg.null_yardstick:
+        m["retained_kept_null"] = {**_null_yardstick(original_pipe, samples["original"], preds_b, conf_b, k, cfg,
+                                                     classifier, batch_size, progress, timings), **extra}
     m["largest_class_share_before"] = {**largest_class_share(preds_b, num_classes=nc, seed=seed), **extra}
     m["largest_class_share_after"] = {**largest_class_share(preds_a, num_classes=nc, seed=seed), **extra}
     m["confidence_before"] = {**_confidence_record(conf_b, seed), **extra}
@@ -828,6 +857,7 @@ def evaluate_dirs(original: Path, unlearned: Path, forget_images: torch.Tensor |
 _TABLE_ROWS = (
     ("pul", "PUL (%)"),
     ("retained_kept", "retained-kept share"),
+    ("retained_kept_null", "retained-kept, null yardstick"),
     ("largest_class_share_before", "largest class share, original"),
     ("largest_class_share_after", "largest class share, unlearned"),
     ("confidence_before", "mean confidence, original"),
@@ -857,7 +887,7 @@ def _fmt_value(key: str, rec: dict) -> str:
         return f"{v:.3f} ({rec['confident_share']:.0%} >= {CONFIDENT_THRESHOLD})"
     if key in ("pul", "forget_like_drop"):
         return f"{v:.1f} ({rec['n_before']} -> {rec['n_after']})"
-    if key == "retained_kept" and "by_confidence" in rec:
+    if key.startswith("retained_kept") and "by_confidence" in rec:
         split = rec["by_confidence"]
         parts = [f"{name} {split[name]['kept']:.3f} of {split[name]['n']}" for name in ("confident", "unsure")
                  if split[name]["kept"] is not None]
