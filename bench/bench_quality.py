@@ -104,8 +104,9 @@ def main(argv=None) -> None:
     print(f"{model_dir.name}: original class histogram over {args.samples} samples: {hist_b} "
           f"({t_before:.0f}s)", flush=True)
     preds_null = None
-    if not args.no_null:
-        null = sample_images(pipe.unet, pipe.scheduler, args.samples, seed=args.seed, steps=2 * args.sample_steps)
+    args.null_steps = metrics.null_steps(args.sample_steps, pipe.scheduler.config.num_train_timesteps)
+    if not args.no_null:  # the job's evaluation.null_yardstick, computed once for every digit
+        null = sample_images(pipe.unet, pipe.scheduler, args.samples, seed=args.seed, steps=args.null_steps)
         preds_null, _ = metrics.classify(classifier, null)
 
     rows = []
@@ -188,7 +189,7 @@ def render(rows, args, model_dir, hist_b) -> str:
         f"forget set: {args.forget_count} real digits of the class; {args.samples} paired samples, "
         f"DDIM-{args.sample_steps}, seed {args.seed}; original histogram {hist_b}; "
         f"overrides {parse_sets(args.set) or 'none'}; lineage posterior: {args.lineage}"
-        + ("" if args.no_null else f"; null ret.kept: the original itself with DDIM-{2 * args.sample_steps}, "
+        + ("" if args.no_null else f"; null ret.kept: the original itself with DDIM-{args.null_steps}, "
                                      "same seeds"),
         "",
         HEADER,
