@@ -285,3 +285,8 @@ def test_paths_that_would_not_fit_the_memory_limit_are_refused_before_any_work(t
     assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
     report, _, _ = unlearn_model(unet, tiny_scheduler, forget, cfg, max_trajectory_bytes=need)  # at the limit: runs
     assert report.steps_run == 1
+    # the loop recording its own paths (no run around it) checks the same limit before recording
+    with pytest.raises(ConfigError) as e:
+        loop.unlearn(unet, tiny_scheduler, forget, cfg, max_trajectory_bytes=need - 1)
+    assert e.value.field == "params.anchor_samples"
+    assert loop.unlearn(unet, tiny_scheduler, forget, cfg, max_trajectory_bytes=need).steps_run == 1

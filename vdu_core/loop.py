@@ -166,13 +166,15 @@ def unlearn(
     should_cancel: Callable[[], bool] | None = None,
     probe_images: torch.Tensor | None = None,
     trajectories=None,
+    max_trajectory_bytes: int | None = None,
 ) -> UnlearnReport:
     """Unlearn ``forget`` (N, C, H, W in [-1, 1]) from ``unet`` in place; return what happened.
 
     ``probe_images`` (default: ``forget``) are the images whose loss ratio is reported and used by
     the stopping rule: the user's forget set, when ``forget`` was augmented. ``trajectories`` (a
     ``vdu_core.trajectory.Trajectories`` of ``unet``): the trajectory target's paths; recorded here
-    (``anchor_samples`` of them) when that target is used and none are given.
+    (``anchor_samples`` of them) when that target is used and none are given, after the same memory check as a
+    job's (``trajectory.check_memory`` with ``max_trajectory_bytes``, the default limit when None).
     """
     method = get_method(config.method)(config)
     device = pick_device(config)
@@ -181,8 +183,9 @@ def unlearn(
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
     if method.needs_trajectories and trajectories is None:
-        from vdu_core.trajectory import for_config
+        from vdu_core.trajectory import check_memory, for_config
 
+        check_memory(unet, config, max_trajectory_bytes)
         trajectories = for_config(unet, scheduler, forget, config, should_cancel)
     if trajectories is not None and anchors is None:
         anchors = trajectories.ends
