@@ -11,7 +11,7 @@ from tests.conftest import make_tiny_unet
 from vdu_core import loop, posterior
 from vdu_core.config import UnlearnConfig
 from vdu_core.errors import ConfigError
-from vdu_core.laplace import KroneckerLaplace, from_own_samples, sampler_step_weights
+from vdu_core.laplace import KroneckerLaplace, NaturalStep, _flat, from_own_samples, sampler_step_weights
 
 
 def _points(n=64, seed=0):
@@ -87,6 +87,64 @@ def test_laplace_weight_is_a_vdu_term_only():
     assert e.value.field == "params.laplace_weight"
     with pytest.raises(ConfigError):
         UnlearnConfig.from_dict({"laplace_weight": -1.0})
+
+
+def test_the_natural_step_moves_as_far_as_adams_in_the_laplace_metric_in_another_direction():
+    """``step_direction = "natural"``: each step is as long as Adam's in the Laplace term's metric, points
+    elsewhere, and moves only the layers the term covers."""
+    unet = make_tiny_unet(attention=True)
+    x, t = _points()
+    lap = KroneckerLaplace(unet, x, t, torch.ones(len(x)))
+    step = NaturalStep(lap, damping=10.0)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    covered = {id(p) for m in lap.mods for p in (m.weight, m.bias) if p is not None}
+    opt = torch.optim.Adam(params, lr=1e-3)
+    for k in range(3):
+        opt.zero_grad(set_to_none=True)
+        xb, tb = _points(16, seed=10 + k)
+        unet(xb, tb).sample.pow(2).mean().backward()
+        for p in params:
+            if id(p) not in covered:
+                p.grad = None  # as the loop does with the Laplace term
+        twin = copy.deepcopy(unet)
+        twin_params = [p for p in twin.parameters() if p.requires_grad]
+        twin_opt = torch.optim.Adam(twin_params, lr=1e-3)
+        twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # its moments are updated in place
+        for p, q in zip(params, twin_params, strict=True):
+            q.grad = None if p.grad is None else p.grad.clone()
+        twin_opt.step()
+        names, twins = {id(m): n for n, m in unet.named_modules()}, dict(twin.named_modules())
+        twin_mods = [twins[names[id(m)]] for m in lap.mods]
+        before = [_flat(m).detach().clone() for m in lap.mods]
+        frozen = {n: p.detach().clone() for n, p in unet.named_parameters() if id(p) not in covered}
+        report = step.step(opt)
+        moved = [_flat(m).detach() - b for m, b in zip(lap.mods, before, strict=True)]
+        adams = [_flat(m).detach() - b for m, b in zip(twin_mods, before, strict=True)]
+        assert report["step_distance"] == pytest.approx(step.distance(adams), rel=1e-6)
+        assert step.distance(moved) == pytest.approx(step.distance(adams), rel=1e-3)
+        assert step.distance(moved) > 0
+        flat_m, flat_a = torch.cat([d.flatten() for d in moved]), torch.cat([d.flatten() for d in adams])
+        assert float(torch.nn.functional.cosine_similarity(flat_m, flat_a, dim=0)) < 0.95
+        for n, p in unet.named_parameters():
+            if n in frozen:
+                assert torch.equal(p, frozen[n]), n
+
+
+def test_the_natural_step_needs_the_laplace_term(tiny_scheduler):
+    for params in ({"step_direction": "natural", "laplace_weight": 0.0},
+                   {"method": "vdu_paper", "step_direction": "natural"}):
+        with pytest.raises(ConfigError) as e:
+            UnlearnConfig.from_dict(params)
+        assert e.value.field == "params.step_direction"
+    with pytest.raises(ConfigError) as e:
+        UnlearnConfig.from_dict({"step_direction": "sideways"})
+    assert e.value.field == "params.step_direction"
+    forget = torch.rand((6, 1, 8, 8), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    unet = make_tiny_unet()
+    cfg = UnlearnConfig.from_dict({"steps": 3, "batch_size": 4, "anchor_samples": 24, "trajectory_steps": 5,
+                                   "laplace_points": 16, "step_direction": "natural"})
+    report = loop.unlearn(unet, tiny_scheduler, forget, cfg)
+    assert report.steps_run == 3 and all(h["step_distance"] > 0 for h in report.history)
 
 
 def test_from_own_samples_needs_samples(tiny_unet, tiny_scheduler):

@@ -216,6 +216,16 @@ class UnlearnConfig(_Validated):
             "(vdu_core.laplace)",
     )
     laplace_points: int = _spec(512, ge=16, le=100000, doc="noised own samples the Laplace factors are measured on")
+    step_direction: Literal["adam", "natural"] = _spec(
+        "adam",
+        doc="vdu with the Laplace term: the direction of each step; 'natural': the K-FAC natural gradient of the "
+            "gradient's momentum (damping ``natural_damping``), moved as far in the Laplace term's metric as Adam's "
+            "step would move (only the direction differs; docs/quality-study.md, section 19)",
+    )
+    natural_damping: float = _spec(
+        10.0, gt=0.0, le=1e6,
+        doc="step_direction 'natural': each Kronecker factor's damping, a multiple of its mean eigenvalue",
+    )
     anchor_samples: int = _spec(
         2048, ge=0, le=100000,
         doc="own samples of the original model used as anchors (trajectory: the paths recorded)",
@@ -292,6 +302,9 @@ class UnlearnConfig(_Validated):
             if self.anchor_samples < 2:
                 raise ConfigError("the trajectory target needs at least 2 paths (anchor_samples >= 2)",
                                   field=f"{prefix}.anchor_samples")
+        if self.step_direction == "natural" and (self.method != "vdu" or self.laplace_weight == 0.0):
+            raise ConfigError("step_direction 'natural' needs the Laplace factors: method 'vdu' with "
+                              "laplace_weight > 0", field=f"{prefix}.step_direction")
         if self.method == "gradient_ascent" and self.gamma != 0.0:
             raise ConfigError("gradient ascent is VDU with gamma = 0", field=f"{prefix}.gamma")
         if self.t_max is not None and self.t_max <= self.t_min:

@@ -213,6 +213,11 @@ def unlearn(
     uncovered = ctx.laplace.uncovered(params) if ctx.laplace is not None else []
     opt = torch.optim.Adam(params, lr=config.lr)
     schedule = lr_schedule(opt, config)
+    natural = None
+    if config.step_direction == "natural":  # validated: vdu with the Laplace term, so ctx.laplace is set
+        from vdu_core.laplace import NaturalStep
+
+        natural = NaturalStep(ctx.laplace, config.natural_damping)
     probe_src = forget if probe_images is None else probe_images.to(device)
     probe = Probe(probe_src, scheduler, ctx.t_min, ctx.t_max, config.seed)
     p0 = probe.loss(unet)
@@ -244,7 +249,10 @@ def unlearn(
             p.grad = None
         if config.grad_clip is not None:
             losses["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-        opt.step()
+        if natural is not None:
+            losses.update(natural.step(opt))
+        else:
+            opt.step()
         if schedule is not None:
             schedule.step()
         if step % config.probe_every == 0 or step == config.steps:
