@@ -381,6 +381,8 @@ BAD_JOBS = [
     ("evaluation out of range", {"evaluation": {"num_samples": 1}}, "evaluation.num_samples"),
     ("classifier from disk", {"evaluation": {"classifier": "/etc"}}, "evaluation.classifier"),
     ("null yardstick not a boolean", {"evaluation": {"null_yardstick": "yes"}}, "evaluation.null_yardstick"),
+    ("natural step without the Laplace term", {"params": {"step_direction": "natural", "laplace_weight": 0}},
+     "params.step_direction"),
     ("lineage posterior without lineage", {"params": {"posterior": "lineage"}}, "params.posterior"),
     ("unknown model", {"model": "mdl_00000000000000000000000000"}, "model"),
     ("unknown forget set", {"forget_set": "fs_nope"}, "forget_set"),
