@@ -36,9 +36,14 @@ def _covered(unet: torch.nn.Module) -> list[torch.nn.Module]:
             if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)]
 
 
-def _flat(m: torch.nn.Module) -> torch.Tensor:
-    w = m.weight.reshape(m.weight.shape[0], -1)
-    return torch.cat([w, m.bias.view(-1, 1)], 1) if m.bias is not None else w
+def _flat(m: torch.nn.Module, grad: bool = False) -> torch.Tensor:
+    """The layer's weight (or, with ``grad``, its gradient, zeros where none) as one matrix, the bias as the
+    last column."""
+    def value(p: torch.Tensor) -> torch.Tensor:
+        return (torch.zeros_like(p) if p.grad is None else p.grad) if grad else p
+
+    w = value(m.weight).reshape(m.weight.shape[0], -1)
+    return torch.cat([w, value(m.bias).view(-1, 1)], 1) if m.bias is not None else w
 
 
 def sampler_step_weights(scheduler, timesteps: torch.Tensor, steps: int = 25) -> torch.Tensor:
@@ -164,12 +169,7 @@ class NaturalStep:
         mods = self.lap.mods
         before = [_flat(m).detach().clone() for m in mods]
         for i, m in enumerate(mods):
-            g = torch.zeros_like(m.weight) if m.weight.grad is None else m.weight.grad
-            g = g.reshape(len(g), -1)
-            if m.bias is not None:
-                gb = torch.zeros_like(m.bias) if m.bias.grad is None else m.bias.grad
-                g = torch.cat([g, gb.view(-1, 1)], 1)
-            g = g.float()
+            g = _flat(m, grad=True).float()
             self.momentum[i] = g if self.momentum[i] is None else self.beta * self.momentum[i] + g
         opt.step()
         own = [_flat(m).detach().float() - b for m, b in zip(mods, before, strict=True)]
