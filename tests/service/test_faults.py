@@ -332,7 +332,8 @@ def test_redis_restarted_empty_loses_the_queue_and_the_reconciler_resends_it(hea
             for job_id in running:  # every worker busy ...
                 poll(c, job_id, training, 240, "both workers to train")
         except TimeoutError as e:  # once in CI at 120 s: say where each job and worker was
-            states = {j: (s := c.get(f"/v1/jobs/{j}").json())["status"] + f" {s.get('progress')}" for j in running}
+            jobs = [c.get(f"/v1/jobs/{j}").json() for j in running]
+            states = {j["id"]: (j["status"], j.get("progress")) for j in jobs}
             raise AssertionError(f"{e}: {states}\n{stack.logs()}") from e
         queued = [create_job(c, model_id, fs_id, QUICK) for _ in range(2)]  # ... so these wait in Redis
         dispatcher = CeleryDispatcher(stack.settings)
