@@ -196,7 +196,8 @@ class RestartableS3:
 
 HOOK = '''
 """Fault injection for test workers (written by tests/service/faultkit.py). Inert unless the test
-drops a control file ``{job_id}.{action}`` into VDU_TEST_HOOK_DIR; each control file acts once."""
+drops a control file ``{job_id}.{action}`` into VDU_TEST_HOOK_DIR; each control file acts once.
+SIGUSR2 prints every thread's stack to stderr (the process's log), in the worker's job child too."""
 import os
 
 _dir = os.environ.get("VDU_TEST_HOOK_DIR")
@@ -212,8 +213,11 @@ def _take(job_id, action):
 
 
 if _dir:
+    import faulthandler
     import signal
     import time
+
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
 
     from jobs import ledger as _ledger
 
@@ -225,7 +229,7 @@ if _dir:
             os.kill(os.getpid(), signal.SIGKILL)
         if _take(job_id, "pause_before_succeed"):
             open(os.path.join(_dir, f"{job_id}.at_succeed"), "w").close()
-            go, deadline = os.path.join(_dir, f"{job_id}.go"), time.monotonic() + 120
+            go, deadline = os.path.join(_dir, f"{job_id}.go"), time.monotonic() + 300
             while not os.path.exists(go) and time.monotonic() < deadline:
                 time.sleep(0.05)
         return _succeed(session, job_id, worker_id, **kwargs)
