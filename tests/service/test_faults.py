@@ -160,11 +160,9 @@ class FaultStack:
         with session_scope(self.settings) as s:
             return s.get(Job, job_id)
 
-    def logs(self) -> str:
-        parts = []
-        for p in ([self.api] if self.api else []) + self.workers:
-            parts.append(f"---- {p.name} ----\n{p.log()[-3000:]}")
-        return "\n".join(parts)
+    def logs(self, tail: int = 3000, workers_only: bool = False) -> str:
+        procs = ([] if workers_only or self.api is None else [self.api]) + self.workers
+        return "\n".join(f"---- {p.name} ----\n{p.log()[-tail:]}" for p in procs)
 
     def worker_logs(self) -> str:
         return "\n".join(w.log() for w in self.workers)
@@ -189,7 +187,7 @@ class FaultStack:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGUSR2)
                 time.sleep(0.5)
-        return "\n".join(lines) + "\n" + "\n".join(f"---- {p.name} ----\n{p.log()[-12000:]}" for p in self.workers)
+        return "\n".join(lines) + "\n" + self.logs(tail=12000, workers_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -289,13 +287,18 @@ def create_job(c: httpx.Client, model_id: str, fs_id: str, params: dict, **extra
     return resp.json()["id"]
 
 
+def get_job(c: httpx.Client, job_id: str) -> dict | None:
+    """The job as the API answers it, or None while the API is unreachable or answers no JSON."""
+    try:
+        return c.get(f"/v1/jobs/{job_id}").json()
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def poll(c: httpx.Client, job_id: str, until, timeout: float, what: str = "") -> dict:
     def check():
-        try:
-            job = c.get(f"/v1/jobs/{job_id}").json()
-        except (httpx.HTTPError, ValueError):
-            return None
-        return job if until(job) else None
+        job = get_job(c, job_id)
+        return job if job is not None and until(job) else None
 
     return wait_until(check, timeout, interval=0.25, what=what or f"job {job_id}")
 
@@ -309,10 +312,8 @@ def busy_with(c: httpx.Client, stack: FaultStack, job_id: str) -> bool:
     """The job holds its worker: seen training, or already paused by the hook before it succeeds."""
     if stack.hooks.reached(job_id):
         return True
-    try:
-        return training(c.get(f"/v1/jobs/{job_id}").json())
-    except (httpx.HTTPError, ValueError):
-        return False
+    job = get_job(c, job_id)
+    return job is not None and training(job)
 
 
 def events(c: httpx.Client, job_id: str) -> list[dict]:
